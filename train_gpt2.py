@@ -61,7 +61,7 @@ adam_eps = 1e-8                  # AdamW epsilon
 grad_clip = 1.0                  # clip the global gradient norm to this (0 to disable)
 # evaluation and logging
 eval_interval = 250              # evaluate every this many steps, and at the last step
-eval_iters = 20                  # validation micro-batches per process, the same ones every time
+eval_iters = 20                  # validation micro-batches in all, split across processes; the same ones every time
 hellaswag = True                 # HellaSwag accuracy at every evaluation (needs hellaswag.py's data)
 hellaswag_data = ""              # a local hellaswag_val.jsonl; empty: download into the cache
 num_samples = 4                  # samples printed at each evaluation (0 for none)
@@ -388,6 +388,140 @@ class GPT(nn.Module):
         return state
 
 # -----------------------------------------------------------------------------
+# Data: uint16 token shards, memory-mapped, or a .txt file tokenized in memory
+
+SHARD_MAGIC = 20240520     # llm.c's .bin format: 256 int32 of header (magic, version, token count), then uint16 tokens
+SHARD_VERSION = 1
+SHARD_HEADER_BYTES = 256 * 4
+
+
+def open_shard(path, vocab_size, check_ids=True):
+    """A shard's tokens as a read-only uint16 memmap, after checking its header and size, and, with
+    check_ids, that every token id is below vocab_size (one read of the file)."""
+    if path.endswith(".bin"):
+        size = os.path.getsize(path)
+        if size < SHARD_HEADER_BYTES:
+            raise UserError(f"{path}: {size} bytes, shorter than the 1024-byte header; the shard is truncated, make it again")
+        header = np.fromfile(path, dtype=np.int32, count=256)
+        if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+            raise UserError(f"{path}: header starts {header[0]}, {header[1]}, not {SHARD_MAGIC}, {SHARD_VERSION}; "
+                            f"not a token shard in llm.c's format (python fineweb.py writes them)")
+        count = int(header[2])
+        if size != SHARD_HEADER_BYTES + 2 * count:
+            raise UserError(f"{path}: the header promises {count:,} tokens ({SHARD_HEADER_BYTES + 2 * count:,} bytes) "
+                            f"but the file has {size:,} bytes; the shard is truncated, make it again")
+        if count == 0:
+            return np.zeros(0, dtype=np.uint16)  # mmap refuses an empty range
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+    elif path.endswith(".npy"):
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise UserError(f"{path}: not a readable .npy file ({e}); the shard is truncated, make it again") from None
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise UserError(f"{path}: holds a {tokens.dtype} array of shape {tokens.shape}; token shards are 1-D uint16")
+    else:
+        raise UserError(f"{path}: not a token shard (.bin or .npy)")
+    if check_ids:
+        check_token_ids(path, tokens, vocab_size)
+    return tokens
+
+
+def check_token_ids(name, tokens, vocab_size):
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        where = int(np.argmax(tokens >= vocab_size))
+        raise UserError(f"{name}: token id {top} (first bad id at position {where:,}) is not below the model's "
+                        f"vocab_size {vocab_size}; the data was made with another tokenizer")
+
+
+def download_shakespeare(path):
+    """Fetch tiny Shakespeare into path, checked against its known sha256, written atomically."""
+    print(f"{path} is missing: downloading tiny Shakespeare from {SHAKESPEARE_URL}")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            data = response.read()
+    except OSError as e:
+        raise UserError(f"{path} is missing and the download failed ({e}); put tiny Shakespeare "
+                        f"(1,115,394 bytes, from {SHAKESPEARE_URL}) at {path}") from None
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        raise UserError(f"the file downloaded from {SHAKESPEARE_URL} is not tiny Shakespeare (sha256 differs)")
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def find_data(data_dir, vocab_size):
+    """(train, val): lists of token sources, each a shard path or an in-memory uint16 array."""
+    if data_dir.endswith(".txt"):
+        if not os.path.exists(data_dir):
+            if os.path.basename(data_dir) != "input.txt":
+                raise UserError(f"data_dir {data_dir} does not exist")
+            download_shakespeare(data_dir)
+        with open(data_dir, encoding="utf-8", errors="replace") as f:
+            tokens = np.array(get_tokenizer().encode_ordinary(f.read()), dtype=np.uint16)
+        if len(tokens) == 0:
+            raise UserError(f"data_dir {data_dir} is empty")
+        check_token_ids(data_dir, tokens, vocab_size)
+        split = int(0.9 * len(tokens))  # the first 90% for training, the last 10% for validation
+        return [tokens[:split]], [tokens[split:]]
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} does not exist; make the shards with python fineweb.py, "
+                        f"or point --data_dir at a shard directory or a .txt file")
+    shards = sorted(glob.glob(os.path.join(glob.escape(data_dir), "*.bin")) + glob.glob(os.path.join(glob.escape(data_dir), "*.npy")))
+    train = [s for s in shards if "train" in os.path.basename(s)]
+    val = [s for s in shards if "val" in os.path.basename(s)]
+    if not train or not val:
+        raise UserError(f"data_dir {data_dir} has {len(train)} training and {len(val)} validation shards (.bin or .npy "
+                        f"with 'train' or 'val' in the name); it needs at least one of each (python fineweb.py makes them)")
+    for shard in shards:
+        open_shard(shard, vocab_size, check_ids=False)  # headers and sizes now; token ids when each is opened
+    return train, val
+
+
+class DataLoader:
+    """Micro-batches of (B, T) inputs and targets, read in order from the shards, round and round.
+
+    The data is cut into consecutive chunks of B*T+1 tokens. Each micro-step of the whole job takes the next
+    world_size chunks and rank r keeps the r-th, so ranks never read the same tokens, and an optimizer step
+    covers the same tokens for any split of its micro-batches into processes x accumulation steps.
+    """
+
+    def __init__(self, sources, B, T, rank, world_size, vocab_size):
+        self.sources, self.B, self.T = sources, B, T
+        self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
+        self.lengths = [len(self.open(i, check_ids=False)) for i in range(len(sources))]
+        if max(self.lengths) < B * T + 1:
+            raise UserError(f"every shard is shorter than one micro-batch of batch_size x block_size + 1 = {B * T + 1:,} "
+                            f"tokens; lower --batch_size or --block_size")
+        self.reset()
+
+    def open(self, i, check_ids=True):
+        source = self.sources[i]
+        return source if isinstance(source, np.ndarray) else open_shard(source, self.vocab_size, check_ids)
+
+    def reset(self):
+        self.load_state_dict({"shard": 0, "position": 0})
+
+    def state_dict(self):
+        return {"shard": self.shard, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.shard, self.position = state["shard"], state["position"]
+        self.tokens = self.open(self.shard)
+
+    def next_batch(self):
+        size = self.B * self.T + 1  # one extra token: the target of the last position
+        for r in range(self.world_size):
+            while self.position + size > self.lengths[self.shard]:  # the chunk doesn't fit: next shard
+                self.shard, self.position = (self.shard + 1) % len(self.sources), 0
+                self.tokens = self.open(self.shard)
+            if r == self.rank:
+                chunk = torch.from_numpy(self.tokens[self.position:self.position + size].astype(np.int64))
+            self.position += size - 1
+        return chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
+
+# -----------------------------------------------------------------------------
 # Checkpoints and loading a model from any init_from value
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -444,3 +578,371 @@ def load_model(init_from, out_dir="log", dropout=None):
     model = GPT(config)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
+
+# -----------------------------------------------------------------------------
+# Evaluation: validation loss, samples, HellaSwag
+
+
+@torch.no_grad()
+def validation_loss(model, loader, steps, autocast, device):
+    """Mean loss over the first `steps` micro-batches of the validation data: the same ones every time."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = (t.to(device) for t in loader.next_batch())
+        with autocast:
+            total += model(x, y)[1]
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    model.train()
+    return total.item() / steps
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    """Yield max_new_tokens (B,) tensors of next tokens after the prompts idx (B, T), using a KV cache."""
+    cache = KVCache(model.config.n_layer)
+    logits = model(idx, cache=cache)[0][:, -1]
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            token = logits.argmax(dim=-1)
+        else:
+            logits = logits.float() / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        yield token
+        if cache.pos == model.config.block_size:  # the context is full: slide it by refilling the cache
+            idx = torch.cat([idx, token[:, None]], dim=1)[:, -model.config.block_size // 2:]
+            cache = KVCache(model.config.n_layer)
+            logits = model(idx, cache=cache)[0][:, -1]
+        else:
+            idx = torch.cat([idx, token[:, None]], dim=1)
+            logits = model(token[:, None], cache=cache)[0][:, -1]
+
+
+def print_samples(model, cfg, autocast, device, rank):
+    """A few top-k 50 samples from the prompt; each rank's generator is seeded alike every time, so the
+    training's random state is untouched and the samples of two evaluations differ only by the weights."""
+    enc = get_tokenizer()
+    prompt = torch.tensor(enc.encode(cfg.sample_prompt, allowed_special="all"), dtype=torch.long, device=device)
+    idx = prompt[-model.config.block_size // 2:].repeat(cfg.num_samples, 1)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    model.eval()
+    with autocast:
+        tokens = torch.stack(list(generate(model, idx, cfg.sample_length, top_k=50, generator=generator)), dim=1)
+    model.train()
+    for i, row in enumerate(torch.cat([idx, tokens], dim=1).tolist()):
+        print(f"rank {rank} sample {i}: {enc.decode(row)!r}")
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
+    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
+# name found in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+              "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device):
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def setup_device(cfg):
+    """(rank, local_rank, world_size, device, device_type) from torchrun's environment and the settings."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world_size, device, device.split(":")[0]
+
+
+def pick_dtype(name, device_type):
+    if not name:
+        if device_type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # V100, T4: fp16 + loss scaling
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype={name}: choose bfloat16, float16 or float32")
+    return getattr(torch, name)
+
+
+def gather_rng_states(device_type):
+    """Every rank's random number generator states, as a list indexed by rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def train_step(model, ddp_model, optimizer, scaler, loader, grad_accum_steps, autocast, device, grad_clip):
+    """Forward and backward over grad_accum_steps micro-batches, then clip. Returns the mean loss (averaged
+    over ranks) and the gradient norm as device tensors; the caller decides whether to step."""
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        if ddp_model is not None:
+            # All-reduce the gradients only once they are complete, on the last micro-step's backward.
+            ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+        with autocast:
+            _, loss = model(x, y)
+        # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
+        loss = loss / grad_accum_steps
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    if ddp_model is not None:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return loss_sum, norm
+
+
+def main(argv=None):
+    try:
+        train(parse_settings(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(settings):
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(**settings)
+    rank, local_rank, world_size, device, device_type = setup_device(cfg)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    dtype = pick_dtype(cfg.dtype, device_type)
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    torch.manual_seed(cfg.seed + rank)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+
+    # The model: new, resumed, or loaded from a checkpoint or OpenAI's weights.
+    checkpoint = None
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    else:
+        resume = cfg.init_from == "resume"
+        model, checkpoint = load_model(cfg.init_from, cfg.out_dir, dropout=None if resume else cfg.dropout)
+        if resume:
+            check_resume_settings(checkpoint, settings)
+        else:
+            checkpoint = None  # a checkpoint file given by name starts a new run from its weights
+    model.config.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"--block_size={cfg.block_size} is longer than the model's context of "
+                        f"{model.config.block_size} tokens; set --block_size={model.config.block_size} or less")
+    model.to(device)
+    if cfg.export_hf:
+        save_hf(model, cfg.export_hf)
+        say(f"wrote {cfg.export_hf}")
+        return
+    raw_model = model  # evaluation, sampling and checkpoints use the plain module
+
+    # Batch geometry.
+    B, T = cfg.batch_size, cfg.block_size
+    if cfg.total_batch_size % (B * T * world_size):
+        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of batch_size x block_size x "
+                        f"processes = {B} x {T} x {world_size} = {B * T * world_size:,}; change one of them")
+    grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
+
+    # DDP first, then compile: the compiler then splits the graph at DDP's buckets so that the
+    # gradient all-reduce overlaps the backward pass.
+    ddp_model = None
+    if world_size > 1:
+        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True)
+    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    if use_compile:
+        model = torch.compile(model)
+
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+    if cfg.benchmark:
+        return run_benchmark(model, ddp_model, raw_model, optimizer, scaler, cfg, grad_accum_steps, autocast, device, say)
+
+    vocab = raw_model.config.vocab_size
+    train_sources, val_sources = find_data(cfg.data_dir, vocab)
+    train_loader = DataLoader(train_sources, B, T, rank, world_size, vocab)
+    val_loader = DataLoader(val_sources, B, T, rank, world_size, vocab)
+
+    step, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        rng = checkpoint["rng"]
+        if len(rng) == world_size:
+            torch.set_rng_state(rng[rank]["cpu"])
+            if device_type == "cuda" and "cuda" in rng[rank]:
+                torch.cuda.set_rng_state(rng[rank]["cuda"])
+        else:
+            say(f"note: the checkpoint was written by {len(rng)} processes, not {world_size}: random states start afresh")
+        say(f"resuming from step {step} of {cfg.out_dir}")
+        del checkpoint  # free the host copy of the weights and optimizer state
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path = os.path.join(cfg.out_dir, "log.txt")
+
+    def log(line):
+        """Print the line; log.txt gets what comes before the first ' | ', in build-nanogpt's format."""
+        say(line)
+        if master:
+            with open(log_path, "a") as f:  # append: a resumed run adds to the run's log
+                f.write(line.split(" | ")[0] + "\n")
+
+    hellaswag_examples = None
+    if cfg.hellaswag:
+        import hellaswag
+        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data)
+
+    def evaluate(at_step):
+        nonlocal best_val_loss
+        val_loss = validation_loss(model, val_loader, math.ceil(cfg.eval_iters / world_size), autocast, device)
+        best_val_loss = min(best_val_loss, val_loss)
+        log(f"{at_step} val {val_loss:.4f} | perplexity {math.exp(min(val_loss, 50)):.2f}")
+        if hellaswag_examples is not None:
+            raw_model.eval()
+            acc, acc_norm, count = hellaswag.evaluate(raw_model, hellaswag_examples, device, dtype,
+                                                      rank=rank, world_size=world_size)
+            raw_model.train()
+            log(f"{at_step} hella {acc_norm:.4f} | acc {acc:.4f} over {count} examples")
+        if cfg.num_samples > 0 and master:
+            print_samples(raw_model, cfg, autocast, device, rank)
+
+    def checkpoint_now(at_step):
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            say(f"step {at_step}: the model has non-finite weights; no checkpoint written")
+            return
+        rng = gather_rng_states(device_type)
+        if master:
+            path = save_checkpoint(cfg.out_dir, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "config": asdict(raw_model.config), "settings": settings, "step": at_step,
+                "loader": train_loader.state_dict(), "rng": rng, "best_val_loss": best_val_loss,
+            }, cfg.keep_checkpoints)
+            say(f"saved {path}")
+
+    if cfg.eval_only:
+        return evaluate(step)
+
+    # Preemption and Ctrl-C: finish the step, save, exit 0.
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
+
+    tokens_per_step = B * T * grad_accum_steps * world_size
+    flops, peak = raw_model.flops_per_token() * tokens_per_step, peak_flops(device)
+    say(f"{raw_model.num_params():,} parameters | {world_size} processes x {grad_accum_steps} micro-steps x "
+        f"{B} x {T} tokens = {tokens_per_step:,} tokens per step | {device}, {str(dtype)[6:]}, compile {use_compile}")
+    if step == 0:
+        evaluate(0)  # the untrained model's loss is the baseline
+    nonfinite_in_a_row = 0
+    while step < cfg.max_steps:
+        t0 = time.time()
+        lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, norm = train_step(model, ddp_model, optimizer, scaler, train_loader, grad_accum_steps,
+                                autocast, device, cfg.grad_clip)
+        stop = torch.tensor(float(bool(stop_requested)), device=device)
+        if world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal to any rank stops them all at this step
+        loss, norm, stop = loss.item(), norm.item(), stop.item()  # the one wait for the device in a step
+        if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):
+            scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
+            nonfinite_in_a_row = 0
+        else:
+            nonfinite_in_a_row += 1
+            say(f"step {step}: loss {loss}, gradient norm {norm}: update skipped")
+            if nonfinite_in_a_row >= 3:
+                raise UserError(f"non-finite loss or gradient norm for 3 steps in a row, up to step {step}; "
+                                f"lower --max_lr, or resume from the last good checkpoint with --init_from=resume")
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        mfu = f" | mfu {100 * flops / dt / peak:.1f}%" if peak else ""
+        log(f"{step} train {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {1000 * dt:.0f} ms | "
+            f"{tokens_per_step / dt:,.0f} tok/s{mfu}")
+        step += 1
+        last = step == cfg.max_steps
+        if step % cfg.eval_interval == 0 or last:
+            evaluate(step)
+        if step % cfg.checkpoint_interval == 0 or last or stop:
+            checkpoint_now(step)
+        if stop:
+            say(f"stopped by a signal after step {step}; continue with --init_from=resume")
+            return
+
+
+def check_resume_settings(checkpoint, settings):
+    """Resuming with other model settings than the run's would train a different model: refuse."""
+    saved = checkpoint.get("settings", {})
+    changed = [f"--{k}={saved[k]} (given {settings[k]})" for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+               if k in saved and saved[k] != settings[k]]
+    if changed:
+        raise UserError(f"the checkpoint's run used {', '.join(changed)}; resume with the run's settings")
+
+
+def run_benchmark(model, ddp_model, raw_model, optimizer, scaler, cfg, grad_accum_steps, autocast, device, say):
+    """Time the real training step on random tokens, after compilation and warm-up."""
+    B, T = cfg.batch_size, cfg.block_size
+    vocab = raw_model.config.vocab_size
+    random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, B * T + 1, dtype=np.uint16)
+    loader = DataLoader([random_tokens], B, T, 0, 1, vocab)  # one chunk, read again and again
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    warmup, measured = 3, 10
+    for i in range(warmup + measured):
+        if i == warmup:
+            synchronize()
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+        loss, norm = train_step(model, ddp_model, optimizer, scaler, loader, grad_accum_steps, autocast, device, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize()
+    dt = (time.time() - t0) / measured
+    tokens_per_step = B * T * grad_accum_steps * world_size
+    peak = peak_flops(device)
+    mfu = f"{100 * raw_model.flops_per_token() * tokens_per_step / dt / peak:.1f}%" if peak else "n/a (no peak FLOPS known for this device)"
+    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else "n/a (CPU)"
+    say(f"benchmark: {raw_model.num_params():,} parameters, {tokens_per_step:,} tokens per step, loss {loss.item():.4f}")
+    say(f"benchmark: {1000 * dt:.1f} ms/step | {tokens_per_step / dt:,.0f} tok/s | mfu {mfu} | peak memory {memory}")
+
+
+if __name__ == "__main__":
+    main()
