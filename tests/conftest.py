@@ -1,0 +1,64 @@
+"""Shared helpers: tiny token shards written by the tests, and running train_gpt2.py as a user would."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A model small enough that a step takes milliseconds on a CPU, on a 256-token vocabulary.
+TINY = ["--vocab_size=256", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2",
+        "--total_batch_size=256", "--warmup_steps=2", "--eval_iters=2", "--hellaswag=False", "--num_samples=0"]
+
+
+def write_bin(path, tokens):
+    """A shard in llm.c's format: 256 int32 of header (magic, version, count), then uint16 tokens."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = 20240520, 1, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    """A validation shard and two training shards of random ids below 256."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "shards"
+    data.mkdir()
+    write_bin(data / "tiny_val_000000.bin", rng.integers(0, 256, 4000))
+    write_bin(data / "tiny_train_000001.bin", rng.integers(0, 256, 6000))
+    write_bin(data / "tiny_train_000002.bin", rng.integers(0, 256, 6000))
+    return data
+
+
+@pytest.fixture(scope="session")
+def input_txt():
+    """Tiny Shakespeare in the repository root, where the README's commands expect it."""
+    path = os.path.join(ROOT, "input.txt")
+    shared = os.path.join(ROOT, "..", "shared", "data", "input.txt")
+    if not os.path.exists(path) and os.path.exists(shared):
+        shutil.copy(shared, path)
+    if not os.path.exists(path):
+        pytest.skip("input.txt is missing (python train_gpt2.py --preset=shakespeare downloads it)")
+    return path
+
+
+def run_script(script, *args, timeout=300, **kwargs):
+    """Run a script of the repository in a subprocess; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+
+
+def read_log(path):
+    """log.txt as a list of (step, kind, value)."""
+    rows = []
+    for line in open(path):
+        step, kind, value = line.split()
+        rows.append((int(step), kind, float(value)))
+    return rows
