@@ -68,7 +68,7 @@ num_samples = 4                  # samples printed at each evaluation (0 for non
 sample_length = 32               # tokens per sample
 sample_prompt = "Hello, I'm a language model,"  # what the samples start from
 # checkpoints
-checkpoint_interval = 5000       # save every this many steps, at the last step and on SIGTERM/SIGINT
+checkpoint_interval = 1000       # save every this many steps, at the last step and on SIGTERM/SIGINT
 keep_checkpoints = 3             # how many of the newest checkpoints to keep in out_dir
 # system
 device = ""                      # cuda, cuda:N, mps or cpu; empty: the best available
@@ -151,7 +151,7 @@ def help_text():
         comments = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", f.read(), flags=re.M))
     lines = [__doc__.strip(), "", "settings (--name=value):"]
     for name, default in SETTINGS.items():
-        lines.append(f"  --{name}={default!s:<20} {comments.get(name, '')}")
+        lines.append(f"  {'--' + name + '=' + str(default):<34} {comments.get(name, '')}")
     lines.append(f"\npresets: {', '.join(PRESETS)}")
     return "\n".join(lines)
 
@@ -482,6 +482,14 @@ def find_data(data_dir, vocab_size):
     return train, val
 
 
+def to_device(batch, device):
+    """Move (inputs, targets) to the device. From pinned host memory the copy runs asynchronously,
+    so the GPU never waits for the next batch."""
+    if str(device).startswith("cuda"):
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
 class DataLoader:
     """Micro-batches of (B, T) inputs and targets, read in order from the shards, round and round.
 
@@ -628,7 +636,7 @@ def validation_loss(model, loader, steps, autocast, device):
     loader.reset()
     total = torch.zeros((), device=device)
     for _ in range(steps):
-        x, y = (t.to(device) for t in loader.next_batch())
+        x, y = to_device(loader.next_batch(), device)
         with autocast:
             total += model(x, y)[1]
     if dist.is_initialized():
@@ -742,7 +750,7 @@ def train_step(model, ddp_model, optimizer, scaler, loader, grad_accum_steps, au
     over ranks) and the gradient norm as device tensors; the caller decides whether to step."""
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
-        x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        x, y = to_device(loader.next_batch(), device)
         if ddp_model is not None:
             # All-reduce the gradients only once they are complete, on the last micro-step's backward.
             ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
