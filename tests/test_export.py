@@ -1,0 +1,111 @@
+"""Export to Hugging Face: save_hf writes a directory that transformers loads offline (model, tokenizer,
+pipeline) with our logits, and that GPT.from_pretrained reads back to the same weights."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing here may need the hub
+
+import train_gpt2  # noqa: E402
+from conftest import run_script  # noqa: E402
+from sample import generate  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer, gpt2_bpe_files, save_hf  # noqa: E402
+
+TEXTS = ["Hello, I'm a language model,", " naïve café 東京 🤗\n\n  tabs\tand  spaces", "x<|endoftext|>y", "'s 're 123456"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # every weight, biases and LayerNorms included, away from its init
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("hf"))
+    save_hf(model, directory)
+    return directory
+
+
+def test_the_directory_holds_config_weights_and_tokenizer(model, exported):
+    from safetensors.torch import load_file
+    config = json.load(open(os.path.join(exported, "config.json")))
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+    assert (config["vocab_size"], config["n_positions"], config["n_layer"], config["n_embd"]) == (50257, 64, 2, 64)
+    assert config["tie_word_embeddings"] is True
+    weights = load_file(os.path.join(exported, "model.safetensors"))
+    assert "lm_head.weight" not in weights  # tied: transformers takes it from wte
+    assert weights["transformer.wte.weight"].shape == (50257, 64)  # padded to 50,304 in our model
+    ours = model.state_dict()
+    assert torch.equal(weights["transformer.h.0.attn.c_attn.weight"], ours["transformer.h.0.attn.c_attn.weight"].t())
+    assert torch.equal(weights["transformer.h.1.mlp.c_proj.weight"], ours["transformer.h.1.mlp.c_proj.weight"].t())
+    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        with open(gpt2_bpe_files()[name], "rb") as source, open(os.path.join(exported, hf_name), "rb") as copy:
+            assert copy.read() == source.read()
+    assert os.path.isfile(os.path.join(exported, "tokenizer_config.json"))
+
+
+def test_round_trip_gives_identical_weights(model, exported):
+    loaded = GPT.from_pretrained(exported)
+    assert loaded.config == model.config
+    ours, theirs = model.hf_state_dict(), loaded.hf_state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_transformers_loads_the_model_with_our_logits(model, exported):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        ours, _ = model(idx)
+    assert theirs.shape == ours.shape == (2, 64, 50257)
+    assert (theirs - ours).abs().max() < 1e-4
+
+
+def test_transformers_tokenizer_encodes_as_ours(exported):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    enc = get_tokenizer()
+    for text in TEXTS:
+        ids = enc.encode(text, allowed_special="all")
+        assert tokenizer(text)["input_ids"] == ids
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == enc.eot_token == 50256
+
+
+def test_pipeline_generates_our_greedy_tokens(model, exported):
+    from transformers import pipeline
+    generator = pipeline("text-generation", model=exported)
+    prompt = "Hello, I'm a language model,"
+    text = generator(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    idx = torch.tensor([get_tokenizer().encode(prompt)])
+    tokens = torch.cat(list(generate(model, idx, 8, temperature=0))).tolist()
+    assert text == get_tokenizer().decode(tokens)
+
+
+def test_exporting_onto_a_file_is_refused(model, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="it is a file; name a directory"):
+        save_hf(model, str(tmp_path / "file"))
+
+
+@pytest.mark.skipif(not hasattr(train_gpt2, "main"), reason="train_gpt2.py has no main() yet")
+def test_train_gpt2_exports_a_checkpoint(model, tmp_path):
+    checkpoint = tmp_path / "ckpt_0000000.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, checkpoint)
+    result = run_script("train_gpt2.py", f"--init_from={checkpoint}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    loaded = GPT.from_pretrained(str(tmp_path / "hf"))
+    assert all(torch.equal(a, b) for a, b in zip(model.hf_state_dict().values(), loaded.hf_state_dict().values()))
