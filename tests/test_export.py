@@ -12,8 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import train_gpt2  # noqa: E402
 from conftest import run_script  # noqa: E402
-from sample import generate  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer, gpt2_bpe_files, save_hf  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UserError, generate, get_tokenizer, gpt2_bpe_files, save_hf  # noqa: E402
 
 TEXTS = ["Hello, I'm a language model,", " naïve café 東京 🤗\n\n  tabs\tand  spaces", "x<|endoftext|>y", "'s 're 123456"]
 
