@@ -1,0 +1,343 @@
+"""
+HellaSwag: which of four endings follows a context? The benchmark that compares a model in training
+with GPT-2 and GPT-3.
+
+    python hellaswag.py --model gpt2                      # OpenAI's GPT-2 124M: acc 0.2859 acc_norm 0.2955
+    python hellaswag.py --model log/ckpt_0019073.pt       # a checkpoint of train_gpt2.py
+    python hellaswag.py --model DIR --data hellaswag_val.jsonl --limit 500 --benchmark
+    torchrun --nproc_per_node=8 hellaswag.py --model gpt2-xl
+
+The method is build-nanogpt's, so the figures compare with its published ones: each ending is scored
+by the cross-entropy of its own tokens (" " + ending) after the context; acc counts the examples whose
+lowest total loss is the right ending, acc_norm those whose lowest loss per token is.
+train_gpt2.py calls load_examples() once and evaluate() at every evaluation.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from train_gpt2 import KVCache, UserError, get_tokenizer, load_model, pick_dtype, setup_device, to_device
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"  # + hellaswag_{split}.jsonl
+SPLIT_SIZES = {"train": 39905, "val": 10042, "test": 10003}  # lines per file, to check a download
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")  # downloads go here...
+CACHE_DIR_ENV = "HELLASWAG_DIR"  # ...or into the directory this environment variable names
+NUM_ENDINGS = 4
+BATCH_SIZE = 32  # examples per forward pass (4 rows each)
+CPU_LOSS_ROWS = 32  # scored tokens per cross-entropy call on a CPU: about 6 MB of logits, in cache
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def download(split):
+    """The path of hellaswag_{split}.jsonl in the cache, downloaded first if it is not there."""
+    directory = os.environ.get(CACHE_DIR_ENV) or CACHE_DIR
+    path = os.path.join(directory, f"hellaswag_{split}.jsonl")
+    if os.path.exists(path):
+        return path
+    url = f"{DATA_URL}hellaswag_{split}.jsonl"
+    # One temporary file per process: ranks downloading at once never write into each other's file,
+    # and a download cut short never leaves a file under the final name.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+        with open(tmp, "rb") as f:
+            lines = sum(1 for line in f if line.strip())
+    except OSError as e:  # urllib's errors are OSErrors too
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise UserError(f"cannot download {url} ({reason}); on a machine without internet, copy that file from "
+                        f"one with it and pass its path as --data (hellaswag.py) or --hellaswag_data (train_gpt2.py)") from None
+    if lines != SPLIT_SIZES[split]:
+        os.remove(tmp)
+        raise UserError(f"{url} has {lines} lines, not the {SPLIT_SIZES[split]} of HellaSwag's {split} split; "
+                        f"try again, or pass a good copy as --data")
+    os.replace(tmp, path)
+    return path
+
+
+def check_record(line, where):
+    """(ctx, endings, label) of one line of a HellaSwag .jsonl file; `where` is file:line for the message."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}); is this a HellaSwag .jsonl file?") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a HellaSwag record is a JSON object, found {type(record).__name__}")
+    ctx, endings, label = record.get("ctx"), record.get("endings"), record.get("label")
+    if not isinstance(ctx, str) or not ctx.strip():
+        raise UserError(f"{where}: no context: 'ctx' must be a non-empty string")
+    if not isinstance(endings, list) or not all(isinstance(ending, str) for ending in endings):
+        raise UserError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+    if len(endings) != NUM_ENDINGS:
+        raise UserError(f"{where}: {len(endings)} endings; a HellaSwag record has {NUM_ENDINGS}")
+    if "label" not in record:
+        raise UserError(f"{where}: no 'label'; HellaSwag's test split is unlabelled, evaluate val or train instead")
+    if type(label) is not int or not 0 <= label < NUM_ENDINGS:
+        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, found {label!r}")
+    return ctx, endings, label
+
+
+@dataclass
+class Example:
+    context: list  # token ids of ctx
+    endings: list  # NUM_ENDINGS lists of token ids, each of " " + ending
+    label: int     # index of the right ending
+
+
+def load_examples(path="", split="val"):
+    """The tokenized examples of a HellaSwag .jsonl file; path "" downloads the split into the cache."""
+    path = path or download(split)
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(check_record(line, f"{path}:{line_number}"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; give the path of a hellaswag_{split}.jsonl, "
+                        f"or no path to download it") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; is this a HellaSwag .jsonl file?") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not records:
+        raise UserError(f"{path} holds no examples")
+    enc = get_tokenizer()
+    # encode_ordinary: a "<|endoftext|>" in the text is text, not the special token.
+    contexts = enc.encode_ordinary_batch([ctx for ctx, _, _ in records])
+    endings = enc.encode_ordinary_batch([" " + ending for _, four, _ in records for ending in four])
+    return [Example(context, endings[i * NUM_ENDINGS:(i + 1) * NUM_ENDINGS], label)
+            for i, (context, (_, _, label)) in enumerate(zip(contexts, records))]
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def fit(example, block_size):
+    """The example cut to the model's context window. The context loses its oldest tokens until it and
+    its longest ending fit in block_size, so all four endings follow the same context; an ending that
+    fills the window alone keeps its last block_size - 1 tokens (a scored token needs one before it)."""
+    endings = [ending[-(block_size - 1):] for ending in example.endings]
+    return Example(example.context[-(block_size - max(map(len, endings))):], endings, example.label)
+
+
+def plan_batches(examples, block_size, batch_size):
+    """Indices of examples in batches of at most batch_size. The contexts in a batch are of one length,
+    so they go through the model side by side; within a length, the examples are sorted by their
+    longest ending, so that the endings pad little."""
+    fitted = [fit(example, block_size) for example in examples]
+    order = sorted(range(len(examples)), key=lambda i: (len(fitted[i].context), max(map(len, fitted[i].endings))))
+    batches = []
+    for _, same_length in itertools.groupby(order, key=lambda i: len(fitted[i].context)):
+        same_length = list(same_length)
+        batches += [same_length[i:i + batch_size] for i in range(0, len(same_length), batch_size)]
+    return batches
+
+
+def autocast(device, dtype):
+    """Autocast to dtype on the device's type; float32 means none."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def hidden_states_of_endings(model, contexts, endings, kv_dtype):
+    """Each context (E, context_length) goes through the model once, into a KV cache; the cache is
+    copied for each of its NUM_ENDINGS endings, right-padded to (NUM_ENDINGS * E, width), which
+    continue from it together. With causal attention no real token attends to the padding after it,
+    so padding changes nothing. Returns (NUM_ENDINGS * E, 1 + width, n_embd): per ending, the hidden
+    state of the context's last token, then of its own tokens; position j predicts its token j."""
+    config = model.config
+    cache = KVCache(config.n_layer)
+    # As long as this batch needs rather than block_size, in the dtype of the keys (autocast's or the weights').
+    shape = (len(contexts), config.n_head, contexts.size(1) + endings.size(1), config.n_embd // config.n_head)
+    def empty():
+        return torch.empty(shape, dtype=kv_dtype, device=contexts.device)
+    cache.layers = [(empty(), empty()) for _ in range(config.n_layer)]
+    last = model.hidden_states(contexts, cache)[:, -1:]  # (E, 1, n_embd)
+    cache.layers = [tuple(t.repeat_interleave(NUM_ENDINGS, dim=0) for t in layer) for layer in cache.layers]
+    return torch.cat([last.repeat_interleave(NUM_ENDINGS, dim=0), model.hidden_states(endings, cache)], dim=1)
+
+
+def score_batch(model, examples, device, dtype):
+    """Total and per-token loss of every ending of the examples, whose contexts are of one length
+    (plan_batches makes such batches): two (E, NUM_ENDINGS) float32 tensors.
+    Only the hidden states of scored positions go through the output head, the costliest part."""
+    examples = [fit(example, model.config.block_size) for example in examples]
+    assert len({len(example.context) for example in examples}) == 1, "one context length per batch"
+    endings = [ending for example in examples for ending in example.endings]
+    width = max(map(len, endings))
+    inputs = np.zeros((len(endings), width), dtype=np.int64)
+    predict_from, targets, slots = [], [], []
+    for r, ending in enumerate(endings):
+        inputs[r, :len(ending)] = ending
+        # Flat indices: ending token j is predicted from position j of its row of hidden states,
+        # and its loss goes to slot j of its row of a (rows, width) grid.
+        predict_from.extend(range(r * (width + 1), r * (width + 1) + len(ending)))
+        targets.extend(ending)
+        slots.extend(range(r * width, r * width + len(ending)))
+    contexts = [example.context for example in examples]
+    contexts, inputs, predict_from, targets, slots, ending_lengths = to_device(
+        [torch.as_tensor(x) for x in (contexts, inputs, predict_from, targets, slots, list(map(len, endings)))], device)
+    kv_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+    with torch.no_grad(), autocast(device, dtype):
+        hidden = hidden_states_of_endings(model, contexts, inputs, kv_dtype)
+        logits = model.logits(hidden.flatten(0, 1)[predict_from]).float()  # (scored tokens, vocab_size)
+    # A CPU computes the cross-entropy several times faster a few rows at a time, each piece in its caches,
+    # than over logits of hundreds of MB; a GPU is fastest in one go.
+    rows = CPU_LOSS_ROWS if logits.device.type == "cpu" else len(logits)
+    losses = torch.cat([F.cross_entropy(piece, piece_targets, reduction="none")
+                        for piece, piece_targets in zip(logits.split(rows), targets.split(rows))])
+    # A sum per row of the grid, zeros where a row has no token: unlike index_add_ on a GPU, the order
+    # of the additions is the same on every run.
+    total = torch.zeros(len(endings) * width, device=device).scatter_(0, slots, losses).view(len(endings), -1).sum(1)
+    return total.view(-1, NUM_ENDINGS), (total / ending_lengths).view(-1, NUM_ENDINGS)
+
+
+def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=BATCH_SIZE, progress=False):
+    """(acc, acc_norm, number of examples) over all examples, on every rank.
+
+    model: the uncompiled, unwrapped module in eval mode (a compiled one would recompile for each new
+    batch shape). With world_size > 1, torch.distributed must be initialized: each rank scores its
+    share of the batches and the counts are summed. Nothing waits for the device until the end, so
+    it runs ahead of the Python that prepares the next batch.
+    """
+    batches = plan_batches(examples, model.config.block_size, batch_size)[rank::world_size]
+    correct = torch.zeros(2, dtype=torch.long, device=device)  # by total loss, by mean loss
+    with _progress_bar(sum(map(len, batches)), progress and rank == 0) as bar:
+        for batch in batches:
+            batch = [examples[i] for i in batch]
+            total, mean = score_batch(model, batch, device, dtype)
+            labels, = to_device([torch.tensor([example.label for example in batch])], device)
+            correct += torch.stack([(total.argmin(dim=1) == labels).sum(), (mean.argmin(dim=1) == labels).sum()])
+            bar.update(len(batch))
+    counts = torch.cat([correct, torch.tensor([sum(map(len, batches))], device=device)])
+    if world_size > 1:
+        dist.all_reduce(counts)
+    correct, correct_norm, count = counts.tolist()
+    return correct / max(count, 1), correct_norm / max(count, 1), count
+
+
+def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
+    """(acc, acc_norm, count) by build-nanogpt's loop: per example, its 4 rows padded into a batch, the
+    full logits of every position, then the masked losses. The baseline that --benchmark times."""
+    correct = correct_norm = 0
+    with _progress_bar(len(examples), progress) as bar:
+        for example in examples:
+            example = fit(example, model.config.block_size)
+            rows = [example.context + ending for ending in example.endings]
+            tokens = torch.zeros(NUM_ENDINGS, max(map(len, rows)), dtype=torch.long)
+            mask = torch.zeros_like(tokens)
+            for r, row in enumerate(rows):
+                tokens[r, :len(row)] = torch.tensor(row)
+                mask[r, len(example.context):len(row)] = 1
+            tokens, mask = tokens.to(device), mask.to(device)
+            with torch.no_grad(), autocast(device, dtype):
+                logits, _ = model(tokens)
+            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+            total = (losses.view(NUM_ENDINGS, -1) * mask[:, 1:]).sum(dim=1)
+            correct += int(total.argmin().item() == example.label)
+            correct_norm += int((total / mask[:, 1:].sum(dim=1)).argmin().item() == example.label)
+            bar.update(1)
+    return correct / len(examples), correct_norm / len(examples), len(examples)
+
+
+def _progress_bar(total, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="ex", desc="hellaswag", disable=not enabled, file=sys.stderr)
+
+# -----------------------------------------------------------------------------
+# On its own: python hellaswag.py --model ...
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2",
+                        help="gpt2[-medium|-large|-xl], a Hugging Face directory, or a checkpoint of train_gpt2.py")
+    parser.add_argument("--data", default="", help="a local hellaswag_{split}.jsonl; default: download into the "
+                                                   f"cache ({CACHE_DIR_ENV} or hellaswag/ beside this file)")
+    parser.add_argument("--split", default="val", choices=SPLIT_SIZES, help="the split to download (default: val)")
+    parser.add_argument("--device", default="", help="cuda, cuda:N, mps or cpu; default: the best available")
+    parser.add_argument("--dtype", default="", help="bfloat16, float16 or float32 (autocast); default: the best "
+                                                    "the device supports (float32 off CUDA)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="examples per forward pass")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="also time build-nanogpt's one-example-at-a-time loop and print examples/s of both")
+    args = parser.parse_args(argv)
+    if args.limit < 0 or args.batch_size < 1:
+        parser.error("--limit takes 0 or more, --batch_size 1 or more")
+    return args
+
+
+def benchmark(model, examples, device, dtype, batch_size, rounds=4):
+    """(batched, one at a time) examples/s. The two take turns, so that a machine busy with other work
+    slows both alike: each round the batched evaluator scores all the examples, and the one-at-a-time
+    loop the next quarter of them."""
+    evaluate(model, examples[:batch_size], device, dtype, batch_size=batch_size)  # warm up kernels, allocator
+    seconds = [0.0, 0.0]
+    share = math.ceil(len(examples) / rounds)
+    for r in range(rounds):
+        clock = time.perf_counter()
+        evaluate(model, examples, device, dtype, batch_size=batch_size)  # both end in a host sync
+        seconds[0] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        evaluate_one_at_a_time(model, examples[r * share:(r + 1) * share], device, dtype)
+        seconds[1] += time.perf_counter() - clock
+    return rounds * len(examples) / seconds[0], len(examples) / seconds[1]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        # Under torchrun every process takes a share of the examples.
+        rank, _, world_size, device, device_type = setup_device(args)
+        dtype = pick_dtype(args.dtype, device_type)
+        examples = load_examples(args.data, args.split)[:args.limit or None]
+        model, _ = load_model(args.model)
+        model.to(device).eval()
+        if rank == 0:
+            print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, "
+                  f"{world_size} x {device}, {str(dtype).removeprefix('torch.')}")
+        if args.benchmark:
+            if world_size > 1:
+                raise UserError("--benchmark compares two loops in one process: run it without torchrun")
+            batched, one_at_a_time = benchmark(model, examples, device, dtype, args.batch_size)
+            print(f"benchmark: batched {batched:.1f} examples/s, one at a time {one_at_a_time:.1f} examples/s, "
+                  f"{batched / one_at_a_time:.1f}x")
+        clock = time.perf_counter()
+        acc, acc_norm, count = evaluate(model, examples, device, dtype, rank, world_size, args.batch_size,
+                                        progress=True)
+        if rank == 0:
+            print(f"{count} examples in {time.perf_counter() - clock:.1f} s, batch_size {args.batch_size}")
+            print(f"acc {acc:.4f} acc_norm {acc_norm:.4f} n {count}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
