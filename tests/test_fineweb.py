@@ -249,43 +249,42 @@ def test_a_lost_shard_is_made_again(tmp_path, capsys):
 # Bad input: one line on stderr, exit status 2, no file left under a final name
 
 
-def bad_inputs(tmp_path):
-    """name -> (the --input arguments, after writing what they need; a phrase the error must contain)."""
-    (tmp_path / "notes.csv").write_text("text\nhello\n")
-    (tmp_path / "fake.parquet").write_text("not parquet at all")
-    (tmp_path / "broken.jsonl").write_text("this is not json\n")
-    write_jsonl(tmp_path / "fields.jsonl", ["hello"], field="body")
-    pq.write_table(pa.table({"body": ["hello"], "url": ["u"]}), tmp_path / "fields.parquet")
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "empty.jsonl").write_text("")
-    os.mkdir(tmp_path / "no_text")
-    (tmp_path / "no_text" / "README.md").write_text("not a corpus")
-    return {
-        "missing file": (["nothere.jsonl"], "nothere.jsonl does not exist"),
-        "missing directory": (["nodir/"], "nodir/ does not exist"),
-        "unknown format": ([tmp_path / "notes.csv"], "takes .txt, .jsonl, .json, .parquet"),
-        "not parquet": ([tmp_path / "fake.parquet"], "as Parquet"),
-        "not json": ([tmp_path / "broken.jsonl"], "first line is not JSON"),
-        "no text field (json)": ([tmp_path / "fields.jsonl"], "no field 'text'; its fields are: id, body"),
-        "no text field (parquet)": ([tmp_path / "fields.parquet"], "no field 'text'; its fields are: body, url"),
-        "wrong text field": ([tmp_path / "fields.parquet", "--text_field", "url", "--input", tmp_path / "fields.jsonl"], "no field 'url'"),
-        "empty text": ([tmp_path / "empty.txt"], "the corpus is empty"),
-        "empty jsonl": ([tmp_path / "empty.jsonl"], "the corpus is empty"),
-        "no corpus files": ([tmp_path / "no_text"], "holds no .txt, .jsonl, .json, .parquet files"),
-        "bad prefix": ([tmp_path / "empty.txt", "--prefix", "my_val"], "without 'train' or 'val'"),
-        "bad shard size": ([tmp_path / "empty.txt", "--shard_size", "0"], "positive integer"),
-        "bad number": ([tmp_path / "empty.txt", "--shard_size", "1e8"], "invalid int value"),
-    }
+BAD_INPUTS = {  # case: (--input and other arguments, in a directory write_bad_inputs filled; what the error says)
+    "missing file": (["nothere.jsonl"], "nothere.jsonl does not exist"),
+    "missing directory": (["nodir/"], "nodir/ does not exist"),
+    "unknown format": (["notes.csv"], "takes .txt, .jsonl, .json, .parquet"),
+    "not parquet": (["fake.parquet"], "cannot read fake.parquet as Parquet"),
+    "not json": (["broken.jsonl"], "first line is not JSON"),
+    "no text field (json)": (["fields.jsonl"], "no field 'text'; its fields are: id, body"),
+    "no text field (parquet)": (["fields.parquet"], "no field 'text'; its fields are: body, url"),
+    "wrong text field": (["fields.parquet", "fields.jsonl", "--text_field", "url"], "fields.jsonl has no field 'url'"),
+    "empty text": (["empty.txt"], "the corpus is empty"),
+    "empty jsonl": (["empty.jsonl"], "the corpus is empty"),
+    "no corpus files": (["no_text"], "holds no .txt, .jsonl, .json, .parquet files"),
+    "bad prefix": (["empty.txt", "--prefix", "my_val"], "without 'train' or 'val'"),
+    "bad shard size": (["empty.txt", "--shard_size", "0"], "positive integer"),
+    "bad number": (["empty.txt", "--shard_size", "1e8"], "invalid int value"),
+}
 
 
-@pytest.mark.parametrize("case", [
-    "missing file", "missing directory", "unknown format", "not parquet", "not json", "no text field (json)",
-    "no text field (parquet)", "wrong text field", "empty text", "empty jsonl", "no corpus files", "bad prefix",
-    "bad shard size", "bad number"])
+def write_bad_inputs(directory):
+    (directory / "notes.csv").write_text("text\nhello\n")
+    (directory / "fake.parquet").write_text("not parquet at all")
+    (directory / "broken.jsonl").write_text("this is not json\n")
+    write_jsonl(directory / "fields.jsonl", ["hello"], field="body")
+    pq.write_table(pa.table({"body": ["hello"], "url": ["u"]}), directory / "fields.parquet")
+    (directory / "empty.txt").write_text("")
+    (directory / "empty.jsonl").write_text("")
+    os.mkdir(directory / "no_text")
+    (directory / "no_text" / "README.md").write_text("not a corpus")
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gets_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, case):
     monkeypatch.chdir(tmp_path)
-    inputs, phrase = bad_inputs(tmp_path)[case]
-    status, stdout, err = run(capsys, "--input", *inputs, "--out_dir", tmp_path / "out")
+    write_bad_inputs(tmp_path)
+    inputs, phrase = BAD_INPUTS[case]
+    status, stdout, err = run(capsys, "--input", *inputs, "--out_dir", "out")
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and phrase in err, err
     assert not (tmp_path / "out").exists()
