@@ -332,3 +332,23 @@ def test_non_finite_model_stops_and_is_not_saved(shard_dir, tmp_path):
     assert result.returncode == 2
     assert "update skipped" in result.stdout and "non-finite loss or gradient norm for 3 steps in a row" in result.stderr
     assert not glob.glob(str(tmp_path / "out" / "ckpt_*.pt"))
+
+
+def test_hellaswag_during_training_and_eval_only(input_txt, tmp_path):
+    import json
+    lines = [{"ctx": f"The cook opened the oven number {i} and", "label": i % 4,
+              "endings": ["took out the bread.", "sang to the moon.", "painted the car blue.", "ran up the hill."]}
+             for i in range(8)]
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["--preset=shakespeare", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
+            "--total_batch_size=128", "--max_steps=2", "--eval_interval=2", "--num_samples=0",
+            "--hellaswag=True", f"--hellaswag_data={tmp_path / 'hs.jsonl'}", f"--out_dir={tmp_path / 'out'}"]
+    result = run_script("train_gpt2.py", *args)
+    assert result.returncode == 0, result.stderr
+    hella = [(step, value) for step, kind, value in read_log(tmp_path / "out" / "log.txt") if kind == "hella"]
+    assert [step for step, _ in hella] == [0, 2]
+    assert all(value * 8 == round(value * 8) for _, value in hella)  # a count out of 8 examples
+    assert "over 8 examples" in result.stdout
+    result = run_script("train_gpt2.py", *args, "--init_from=resume", "--eval_only=True")
+    assert result.returncode == 0, result.stderr
+    assert [k for _, k, _ in read_log(tmp_path / "out" / "log.txt")].count("hella") == 3
