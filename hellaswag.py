@@ -5,7 +5,7 @@ with GPT-2 and GPT-3.
     python hellaswag.py --model gpt2                      # OpenAI's GPT-2 124M: acc 0.2859 acc_norm 0.2955
     python hellaswag.py --model log/ckpt_0019073.pt       # a checkpoint of train_gpt2.py
     python hellaswag.py --model DIR --data hellaswag_val.jsonl --limit 500 --benchmark
-    torchrun --nproc_per_node=8 hellaswag.py --model gpt2-xl
+    torchrun --standalone --nproc_per_node=8 hellaswag.py --model gpt2-xl
 
 The method is build-nanogpt's, so the figures compare with its published ones: each ending is scored
 by the cross-entropy of its own tokens (" " + ending) after the context; acc counts the examples whose
@@ -66,8 +66,8 @@ def download(split):
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = getattr(e, "reason", None) or e.strerror or e
-        raise UserError(f"cannot download {url} ({reason}); on a machine without internet, copy that file from "
-                        f"one with it and pass its path as --data (hellaswag.py) or --hellaswag_data (train_gpt2.py)") from None
+        raise UserError(f"cannot download {url} ({reason}); without internet, fetch that file elsewhere and "
+                        f"pass its path as --data (hellaswag.py) or --hellaswag_data (train_gpt2.py)") from None
     if lines != SPLIT_SIZES[split]:
         os.remove(tmp)
         raise UserError(f"{url} has {lines} lines, not the {SPLIT_SIZES[split]} of HellaSwag's {split} split; "
@@ -195,9 +195,8 @@ def score_batch(model, examples, device, dtype):
         predict_from.extend(range(r * (width + 1), r * (width + 1) + len(ending)))
         targets.extend(ending)
         slots.extend(range(r * width, r * width + len(ending)))
-    contexts = [example.context for example in examples]
-    contexts, inputs, predict_from, targets, slots, ending_lengths = to_device(
-        [torch.as_tensor(x) for x in (contexts, inputs, predict_from, targets, slots, list(map(len, endings)))], device)
+    host = [[example.context for example in examples], inputs, predict_from, targets, slots, list(map(len, endings))]
+    contexts, inputs, predict_from, targets, slots, ending_lengths = to_device([torch.as_tensor(x) for x in host], device)
     kv_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
     with torch.no_grad(), autocast(device, dtype):
         hidden = hidden_states_of_endings(model, contexts, inputs, kv_dtype)
@@ -258,7 +257,7 @@ def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
             correct += int(total.argmin().item() == example.label)
             correct_norm += int((total / mask[:, 1:].sum(dim=1)).argmin().item() == example.label)
             bar.update(1)
-    return correct / len(examples), correct_norm / len(examples), len(examples)
+    return correct / max(len(examples), 1), correct_norm / max(len(examples), 1), len(examples)
 
 
 def _progress_bar(total, enabled):

@@ -28,7 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 WORDS = ("the a man woman dog child team cook player kite ladder river garden kitchen ball bike rope paint "
          "walks runs jumps holds throws climbs paints cuts pours smiles waves lifts turns opens closes "
          "slowly quickly again then while near under over beside into onto with after before").split()
-NUM_EXAMPLES = 25  # with batch size 4: 7 batches, so two processes get unequal shares
+NUM_EXAMPLES = 25
 BLOCK_SIZE = 64
 
 
@@ -38,7 +38,7 @@ def invented_sentence(rng, words):
 
 def invented_record(rng, index):
     """One record in HellaSwag's format, with its fields, made of random words."""
-    ctx_a, ctx_b = invented_sentence(rng, rng.randint(4, 12)), invented_sentence(rng, rng.randint(2, 5))
+    ctx_a, ctx_b = invented_sentence(rng, rng.randint(5, 7)), invented_sentence(rng, rng.randint(2, 3))
     return {"ind": index, "activity_label": "Invented", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
             "endings": [invented_sentence(rng, rng.randint(1, 12)) for _ in range(4)], "label": rng.randrange(4),
             "source_id": f"invented~{index}", "split": "val", "split_type": "indomain"}
@@ -217,7 +217,8 @@ def test_limit_and_a_checkpoint_of_ours(capsys, tmp_path, model, data_file, exam
     assert out[-1] == f"acc {acc:.4f} acc_norm {acc_norm:.4f} n 10"
 
 
-def test_two_processes_count_like_one(capsys, model_dir, data_file):
+def test_two_processes_count_like_one(capsys, model_dir, data_file, examples):
+    assert len(hellaswag.plan_batches(examples, BLOCK_SIZE, 4)) % 2 == 1  # so the two shares differ
     argv = ["--model", model_dir, "--data", data_file, "--device", "cpu", "--batch_size", "4"]
     status, one, err = run_main(capsys, *argv)
     assert status == 0, err
