@@ -22,6 +22,7 @@ import time
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -805,7 +806,6 @@ def main(argv=None):
 
 
 def train(settings):
-    from types import SimpleNamespace
     cfg = SimpleNamespace(**settings)
     rank, local_rank, world_size, device, device_type = setup_device(cfg)
     master = rank == 0

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -62,3 +63,13 @@ def read_log(path):
         step, kind, value = line.split()
         rows.append((int(step), kind, float(value)))
     return rows
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's in-process models on one thread: tiny matmuls gain little from a second one, and
+    spinning threads lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
