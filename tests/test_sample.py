@@ -17,6 +17,7 @@ from train_gpt2 import GPT, GPTConfig, choose_token, generate, load_model  # noq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
