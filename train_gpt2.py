@@ -1017,4 +1017,6 @@ def run_benchmark(model, ddp_model, raw_model, optimizer, scaler, cfg, grad_accu
 
 
 if __name__ == "__main__":
+    # hellaswag.py imports train_gpt2: let it find this module, not a second copy with its own UserError.
+    sys.modules["train_gpt2"] = sys.modules[__name__]
     main()

@@ -352,3 +352,11 @@ def test_hellaswag_during_training_and_eval_only(input_txt, tmp_path):
     result = run_script("train_gpt2.py", *args, "--init_from=resume", "--eval_only=True")
     assert result.returncode == 0, result.stderr
     assert [k for _, k, _ in read_log(tmp_path / "out" / "log.txt")].count("hella") == 3
+
+
+def test_bad_hellaswag_data_is_one_line(input_txt, tmp_path):
+    result = run_script("train_gpt2.py", *TINY, "--data_dir=input.txt", "--vocab_size=50257", "--hellaswag=True",
+                        f"--hellaswag_data={tmp_path / 'missing.jsonl'}", "--max_steps=1", f"--out_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "missing.jsonl does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
