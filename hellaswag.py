@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train_gpt2 import KVCache, UserError, get_tokenizer, load_model, pick_dtype, setup_device, to_device
+from train_gpt2 import (KVCache, UserError, autocast_context, get_tokenizer, load_model, pick_dtype, setup_device,
+                        to_device)
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -155,11 +156,6 @@ def plan_batches(examples, block_size, batch_size):
     return batches
 
 
-def autocast(device, dtype):
-    """Autocast to dtype on the device's type; float32 means none."""
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def hidden_states_of_endings(model, contexts, endings, kv_dtype):
     """Each context (E, context_length) goes through the model once, into a KV cache; the cache is
     copied for each of its NUM_ENDINGS endings, right-padded to (NUM_ENDINGS * E, width), which
@@ -198,7 +194,7 @@ def score_batch(model, examples, device, dtype):
     host = [[example.context for example in examples], inputs, predict_from, targets, slots, list(map(len, endings))]
     contexts, inputs, predict_from, targets, slots, ending_lengths = to_device([torch.as_tensor(x) for x in host], device)
     kv_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad(), autocast_context(torch.device(device).type, dtype):
         hidden = hidden_states_of_endings(model, contexts, inputs, kv_dtype)
         logits = model.logits(hidden.flatten(0, 1)[predict_from]).float()  # (scored tokens, vocab_size)
     # A CPU computes the cross-entropy several times faster a few rows at a time, each piece in its caches,
@@ -250,7 +246,7 @@ def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
                 tokens[r, :len(row)] = torch.tensor(row)
                 mask[r, len(example.context):len(row)] = 1
             tokens, mask = tokens.to(device), mask.to(device)
-            with torch.no_grad(), autocast(device, dtype):
+            with torch.no_grad(), autocast_context(torch.device(device).type, dtype):
                 logits, _ = model(tokens)
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
             total = (losses.view(NUM_ENDINGS, -1) * mask[:, 1:]).sum(dim=1)

@@ -14,11 +14,11 @@ import argparse
 import codecs
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from train_gpt2 import SETTINGS, UserError, generate, get_tokenizer, load_model, pick_dtype
+from train_gpt2 import (SETTINGS, UserError, autocast_context, generate, get_tokenizer, load_model, pick_device,
+                        pick_dtype)
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -97,16 +97,9 @@ def parse_args(argv):
 
 def device_and_autocast(device, dtype):
     """The device to run on ('': the best available) and the autocast context for dtype, chosen as training does."""
-    if not device:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = pick_device(device)
     device_type = device.split(":")[0]
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if device_type not in available:
-        raise UserError(f"--device takes cuda, cuda:N, mps or cpu, not '{device}'")
-    if not available[device_type]:
-        raise UserError(f"--device={device} is not available on this machine; try --device=cpu")
-    dtype = pick_dtype(dtype, device_type)
-    return device, nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    return device, autocast_context(device_type, pick_dtype(dtype, device_type))
 
 
 def encode(tokenizer, prompt, device):

@@ -738,10 +738,27 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
+def pick_device(name):
+    """The device to run on: the one named, or the best available (cuda, then mps, then cpu)."""
+    device = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device_type = device.split(":")[0]
+    if device_type not in available:
+        raise UserError(f"--device takes cuda, cuda:N, mps or cpu, not '{device}'")
+    if not available[device_type]:
+        raise UserError(f"--device={device} is not available on this machine; try --device=cpu")
+    return device
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision in dtype on this kind of device; float32 means none."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+
+
 def setup_device(cfg):
     """(rank, local_rank, world_size, device, device_type) from torchrun's environment and the settings."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = pick_device(cfg.device)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
         torch.cuda.set_device(device)
@@ -811,7 +828,7 @@ def train(settings):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     dtype = pick_dtype(cfg.dtype, device_type)
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = autocast_context(device_type, dtype)
     torch.manual_seed(cfg.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
