@@ -13,7 +13,6 @@ smaller than two shards gives its first tenth to validation instead. manifest.js
 where they came from. Stopped midway, the same command resumes after the last whole shard.
 """
 
-import argparse
 import itertools
 import json
 import multiprocessing
@@ -24,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -31,19 +31,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from train_gpt2 import SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, UserError, get_tokenizer, open_shard
+from train_gpt2 import (SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, UserError, atomic_write, get_tokenizer, open_shard,
+                        parse_command_line, run_main, settings_of)
 
 # -----------------------------------------------------------------------------
-# Configuration. The defaults make the data of the GPT-2 124M recipe; each is a command-line argument.
+# Settings. The defaults make the data of the GPT-2 124M recipe (python fineweb.py --help).
 
-DATASET = "HuggingFaceFW/fineweb-edu"  # a Hugging Face dataset
-NAME = "sample-10BT"                   # its configuration: about 9.67M documents and 10B GPT-2 tokens
-SPLIT = "train"
-TEXT_FIELD = "text"                    # the field that holds a document's text (.json, .jsonl, .parquet, datasets)
-OUT_DIR = "edu_fineweb10B"             # train_gpt2.py's default data_dir
-PREFIX = "edufineweb"                  # shards are named {prefix}_{val|train}_{index:06d}.bin
-SHARD_SIZE = 100_000_000               # tokens per shard: 200 MB on disk
-WORKERS = os.cpu_count() or 1          # tokenizer processes
+dataset = "HuggingFaceFW/fineweb-edu"  # a Hugging Face dataset, or a local dataset directory
+name = "sample-10BT"                   # its configuration ('' for none): sample-10BT is ~9.67M documents, 10B GPT-2 tokens
+split = "train"                        # the dataset's split
+streaming = False                      # tokenize the dataset as it downloads, keeping no copy on disk
+input = []                             # local files instead of --dataset: .txt (one file is one document), .jsonl, .json, .parquet, or directories of them
+text_field = "text"                    # the field that holds a document's text (.json, .jsonl, .parquet, datasets)
+out_dir = "edu_fineweb10B"             # where the shards go: train_gpt2.py's default data_dir
+prefix = "edufineweb"                  # shards are named {prefix}_{val|train}_{index:06d}.bin
+shard_size = 100_000_000               # tokens per shard: 200 MB on disk
+overwrite = False                      # delete the shards already in out_dir when they come from another source or other settings
+workers = os.cpu_count() or 1          # tokenizer processes (default: one per core)
+benchmark = False                      # tokenize into a temporary directory and print tokens/s, and those of one core of tiktoken
+
+SETTINGS = settings_of(globals())
 
 SMALL_VAL_FRACTION = 0.1  # the share of a corpus smaller than two shards that goes to validation
 DOCS_PER_TASK = 256       # documents a worker tokenizes in one go: enough to make the hand-off cheap
@@ -51,29 +58,8 @@ MANIFEST = "manifest.json"
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # --input: datasets builder
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")  # one line, where argparse would print the usage too
-
-
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=DATASET, help="Hugging Face dataset, or a local dataset directory (default: %(default)s)")
-    parser.add_argument("--name", default=NAME, help="its configuration; '' for none (default: %(default)s)")
-    parser.add_argument("--split", default=SPLIT, help="(default: %(default)s)")
-    parser.add_argument("--streaming", action="store_true", help="tokenize the dataset as it downloads, keeping no copy on disk")
-    parser.add_argument("--input", nargs="+", action="extend", metavar="PATH", help="local files instead of --dataset: .txt (one file is one "
-                        "document), .jsonl, .json, .parquet, or directories of them")
-    parser.add_argument("--text_field", default=TEXT_FIELD, help="the field holding the text (default: %(default)s)")
-    parser.add_argument("--out_dir", default=OUT_DIR, help="(default: %(default)s)")
-    parser.add_argument("--prefix", default=PREFIX, help="shard names: {prefix}_{val|train}_{index:06d}.bin (default: %(default)s)")
-    parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens per shard (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="delete the shards already in --out_dir when they come "
-                        "from another source or other arguments")
-    parser.add_argument("--workers", type=int, default=WORKERS, help="tokenizer processes (default: the %(default)s cores)")
-    parser.add_argument("--benchmark", action="store_true", help="tokenize into a temporary directory and print tokens/s, "
-                        "and those of one core of tiktoken on the same documents")
-    args = parser.parse_args(argv)
+    args = SimpleNamespace(**parse_command_line(argv, SETTINGS, __doc__, __file__)[0])
     if args.shard_size < 1 or args.workers < 1:
         raise UserError("--shard_size and --workers take a positive integer")
     # train_gpt2.py tells training from validation shards by 'train' and 'val' in the file name.
@@ -279,19 +265,14 @@ def write_shard(path, tokens):
     """llm.c's format, under a temporary name renamed once whole: a shard with its final name is complete."""
     header = np.zeros(SHARD_HEADER_BYTES // 4, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    with open(path + ".tmp", "wb") as f:
+    def write(f):
         f.write(header.tobytes())
         f.write(memoryview(tokens.astype("<u2", copy=False)))  # no copy on a little-endian machine
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic_write(path, write)
 
 
 def save_manifest(out_dir, manifest):
-    path = os.path.join(out_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def shard_files(out_dir):
@@ -333,6 +314,9 @@ def prepare_out_dir(out_dir, config, overwrite):
     if strangers:
         raise UserError(f"{out_dir} also holds {strangers[0]}, which train_gpt2.py would read with these shards; "
                         f"move it, or pass --overwrite to delete it")
+    for name in os.listdir(out_dir):  # what a killed run was writing: never renamed, so never whole
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
     whole = []
     for shard in manifest["shards"]:
         try:
@@ -476,7 +460,8 @@ def run_config(args, files, enc):
     }
 
 
-def run(args):
+def run(argv):
+    args = parse_args(argv)
     enc = get_tokenizer()
     if enc.n_vocab > 2**16:
         raise UserError(f"the tokenizer has {enc.n_vocab} tokens: more than uint16 shards can hold")
@@ -520,16 +505,10 @@ def benchmark(args, files, enc, config):
 
 
 def main(argv=None):
-    # datasets logs its errors before raising them; main reports each in one line of its own.
+    # datasets logs its errors before raising them; run_main reports each in one line of its own.
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume after the last whole shard", file=sys.stderr)
-        sys.exit(130)
+    run_main(run, sys.argv[1:] if argv is None else argv,
+             interrupted="run the same command again to resume after the last whole shard")
 
 
 if __name__ == "__main__":

@@ -10,38 +10,46 @@ with GPT-2 and GPT-3.
 The method is build-nanogpt's, so the figures compare with its published ones: each ending is scored
 by the cross-entropy of its own tokens (" " + ending) after the context; acc counts the examples whose
 lowest total loss is the right ending, acc_norm those whose lowest loss per token is.
-train_gpt2.py calls load_examples() once and evaluate() at every evaluation.
+train_gpt2.py calls load_examples() once and evaluate() at every evaluation, with its own model and
+tokenizer: this module needs nothing from it but for its command line, which loads a model.
 """
 
-import argparse
 import itertools
 import json
 import math
 import os
-import shutil
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train_gpt2 import (KVCache, UserError, autocast_context, get_tokenizer, load_model, pick_dtype, setup_device,
-                        to_device)
-
 # -----------------------------------------------------------------------------
-# Configuration
+# Settings of the command line (python hellaswag.py --help)
+
+model = "gpt2"                   # gpt2[-medium|-large|-xl], a Hugging Face directory, or a checkpoint of train_gpt2.py
+data = ""                        # a local hellaswag_{split}.jsonl; empty: download into the cache
+split = "val"                    # the split to download: val, train (the test split has no labels)
+device = ""                      # cuda, cuda:N, mps or cpu; empty: the best available
+dtype = ""                       # bfloat16, float16 or float32 (autocast); empty: what training would pick
+limit = 0                        # evaluate the first N examples only (0: all)
+batch_size = 32                  # examples per forward pass (4 rows each)
+benchmark = False                # also time build-nanogpt's one-example-at-a-time loop and print examples/s of both
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"  # + hellaswag_{split}.jsonl
 SPLIT_SIZES = {"train": 39905, "val": 10042, "test": 10003}  # lines per file, to check a download
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")  # downloads go here...
 CACHE_DIR_ENV = "HELLASWAG_DIR"  # ...or into the directory this environment variable names
 NUM_ENDINGS = 4
-BATCH_SIZE = 32  # examples per forward pass (4 rows each)
 CPU_LOSS_ROWS = 32  # scored tokens per cross-entropy call on a CPU: about 6 MB of logits, in cache
+
+
+class DataError(Exception):
+    """A missing, unreachable or malformed HellaSwag file: the scripts print it on one line and exit with 2."""
 
 # -----------------------------------------------------------------------------
 # Data
@@ -54,26 +62,21 @@ def download(split):
     if os.path.exists(path):
         return path
     url = f"{DATA_URL}hellaswag_{split}.jsonl"
-    # One temporary file per process: ranks downloading at once never write into each other's file,
-    # and a download cut short never leaves a file under the final name.
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(directory, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
-        with open(tmp, "rb") as f:
-            lines = sum(1 for line in f if line.strip())
+        # A temporary file of its own, renamed once complete: processes downloading at once never write into
+        # each other's file, and a download cut short never leaves a file under the final name.
+        torch.hub.download_url_to_file(url, path, progress=sys.stderr.isatty())
     except OSError as e:  # urllib's errors are OSErrors too
-        if os.path.exists(tmp):
-            os.remove(tmp)
         reason = getattr(e, "reason", None) or e.strerror or e
-        raise UserError(f"cannot download {url} ({reason}); without internet, fetch that file elsewhere and "
+        raise DataError(f"cannot download {url} ({reason}); without internet, fetch that file elsewhere and "
                         f"pass its path as --data (hellaswag.py) or --hellaswag_data (train_gpt2.py)") from None
+    with open(path, "rb") as f:
+        lines = sum(1 for line in f if line.strip())
     if lines != SPLIT_SIZES[split]:
-        os.remove(tmp)
-        raise UserError(f"{url} has {lines} lines, not the {SPLIT_SIZES[split]} of HellaSwag's {split} split; "
+        os.remove(path)
+        raise DataError(f"{url} has {lines} lines, not the {SPLIT_SIZES[split]} of HellaSwag's {split} split; "
                         f"try again, or pass a good copy as --data")
-    os.replace(tmp, path)
     return path
 
 
@@ -82,20 +85,20 @@ def check_record(line, where):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}); is this a HellaSwag .jsonl file?") from None
+        raise DataError(f"{where}: not valid JSON ({e.msg}); is this a HellaSwag .jsonl file?") from None
     if not isinstance(record, dict):
-        raise UserError(f"{where}: a HellaSwag record is a JSON object, found {type(record).__name__}")
+        raise DataError(f"{where}: a HellaSwag record is a JSON object, found {type(record).__name__}")
     ctx, endings, label = record.get("ctx"), record.get("endings"), record.get("label")
     if not isinstance(ctx, str) or not ctx.strip():
-        raise UserError(f"{where}: no context: 'ctx' must be a non-empty string")
+        raise DataError(f"{where}: no context: 'ctx' must be a non-empty string")
     if not isinstance(endings, list) or not all(isinstance(ending, str) for ending in endings):
-        raise UserError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+        raise DataError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
     if len(endings) != NUM_ENDINGS:
-        raise UserError(f"{where}: {len(endings)} endings; a HellaSwag record has {NUM_ENDINGS}")
+        raise DataError(f"{where}: {len(endings)} endings; a HellaSwag record has {NUM_ENDINGS}")
     if "label" not in record:
-        raise UserError(f"{where}: no 'label'; HellaSwag's test split is unlabelled, evaluate val or train instead")
+        raise DataError(f"{where}: no 'label'; HellaSwag's test split is unlabelled, evaluate val or train instead")
     if type(label) is not int or not 0 <= label < NUM_ENDINGS:
-        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, found {label!r}")
+        raise DataError(f"{where}: 'label' must be 0, 1, 2 or 3, found {label!r}")
     return ctx, endings, label
 
 
@@ -106,8 +109,9 @@ class Example:
     label: int     # index of the right ending
 
 
-def load_examples(path="", split="val"):
-    """The tokenized examples of a HellaSwag .jsonl file; path "" downloads the split into the cache."""
+def load_examples(tokenizer, path="", split="val"):
+    """The examples of a HellaSwag .jsonl file, tokenized by `tokenizer` (tiktoken's GPT-2 encoding, or one with
+    its encode_ordinary_batch); path "" downloads the split into the cache."""
     path = path or download(split)
     records = []
     try:
@@ -116,18 +120,17 @@ def load_examples(path="", split="val"):
                 if line.strip():
                     records.append(check_record(line, f"{path}:{line_number}"))
     except FileNotFoundError:
-        raise UserError(f"{path} does not exist; give the path of a hellaswag_{split}.jsonl, "
+        raise DataError(f"{path} does not exist; give the path of a hellaswag_{split}.jsonl, "
                         f"or no path to download it") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; is this a HellaSwag .jsonl file?") from None
+        raise DataError(f"{path} is not UTF-8 text; is this a HellaSwag .jsonl file?") from None
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
     if not records:
-        raise UserError(f"{path} holds no examples")
-    enc = get_tokenizer()
+        raise DataError(f"{path} holds no examples")
     # encode_ordinary: a "<|endoftext|>" in the text is text, not the special token.
-    contexts = enc.encode_ordinary_batch([ctx for ctx, _, _ in records])
-    endings = enc.encode_ordinary_batch([" " + ending for _, four, _ in records for ending in four])
+    contexts = tokenizer.encode_ordinary_batch([ctx for ctx, _, _ in records])
+    endings = tokenizer.encode_ordinary_batch([" " + ending for _, four, _ in records for ending in four])
     return [Example(context, endings[i * NUM_ENDINGS:(i + 1) * NUM_ENDINGS], label)
             for i, (context, (_, _, label)) in enumerate(zip(contexts, records))]
 
@@ -163,12 +166,12 @@ def hidden_states_of_endings(model, contexts, endings, kv_dtype):
     so padding changes nothing. Returns (NUM_ENDINGS * E, 1 + width, n_embd): per ending, the hidden
     state of the context's last token, then of its own tokens; position j predicts its token j."""
     config = model.config
-    cache = KVCache(config.n_layer)
-    # As long as this batch needs rather than block_size, in the dtype of the keys (autocast's or the weights').
+    # The cache that model.hidden_states fills: per layer (keys, values), and the positions filled so far;
+    # as long as this batch needs rather than block_size, in the dtype of the keys (autocast's or the weights').
     shape = (len(contexts), config.n_head, contexts.size(1) + endings.size(1), config.n_embd // config.n_head)
     def empty():
         return torch.empty(shape, dtype=kv_dtype, device=contexts.device)
-    cache.layers = [(empty(), empty()) for _ in range(config.n_layer)]
+    cache = SimpleNamespace(layers=[(empty(), empty()) for _ in range(config.n_layer)], pos=0)
     last = model.hidden_states(contexts, cache)[:, -1:]  # (E, 1, n_embd)
     cache.layers = [tuple(t.repeat_interleave(NUM_ENDINGS, dim=0) for t in layer) for layer in cache.layers]
     return torch.cat([last.repeat_interleave(NUM_ENDINGS, dim=0), model.hidden_states(endings, cache)], dim=1)
@@ -192,9 +195,9 @@ def score_batch(model, examples, device, dtype):
         targets.extend(ending)
         slots.extend(range(r * width, r * width + len(ending)))
     host = [[example.context for example in examples], inputs, predict_from, targets, slots, list(map(len, endings))]
-    contexts, inputs, predict_from, targets, slots, ending_lengths = to_device([torch.as_tensor(x) for x in host], device)
+    contexts, inputs, predict_from, targets, slots, ending_lengths = (torch.as_tensor(x).to(device) for x in host)
     kv_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
-    with torch.no_grad(), autocast_context(torch.device(device).type, dtype):
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
         hidden = hidden_states_of_endings(model, contexts, inputs, kv_dtype)
         logits = model.logits(hidden.flatten(0, 1)[predict_from]).float()  # (scored tokens, vocab_size)
     # A CPU computes the cross-entropy several times faster a few rows at a time, each piece in its caches,
@@ -208,7 +211,12 @@ def score_batch(model, examples, device, dtype):
     return total.view(-1, NUM_ENDINGS), (total / ending_lengths).view(-1, NUM_ENDINGS)
 
 
-def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=BATCH_SIZE, progress=False):
+def _progress_bar(total, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="ex", desc="hellaswag", disable=not enabled, file=sys.stderr)
+
+
+def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=batch_size, progress=False):
     """(acc, acc_norm, number of examples) over all examples, on every rank.
 
     model: the uncompiled, unwrapped module in eval mode (a compiled one would recompile for each new
@@ -222,7 +230,7 @@ def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=BA
         for batch in batches:
             batch = [examples[i] for i in batch]
             total, mean = score_batch(model, batch, device, dtype)
-            labels, = to_device([torch.tensor([example.label for example in batch])], device)
+            labels = torch.tensor([example.label for example in batch]).to(device)
             correct += torch.stack([(total.argmin(dim=1) == labels).sum(), (mean.argmin(dim=1) == labels).sum()])
             bar.update(len(batch))
     counts = torch.cat([correct, torch.tensor([sum(map(len, batches))], device=device)])
@@ -230,6 +238,10 @@ def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=BA
         dist.all_reduce(counts)
     correct, correct_norm, count = counts.tolist()
     return correct / max(count, 1), correct_norm / max(count, 1), count
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: the batched evaluator against build-nanogpt's loop
 
 
 def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
@@ -246,7 +258,7 @@ def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
                 tokens[r, :len(row)] = torch.tensor(row)
                 mask[r, len(example.context):len(row)] = 1
             tokens, mask = tokens.to(device), mask.to(device)
-            with torch.no_grad(), autocast_context(torch.device(device).type, dtype):
+            with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
                 logits, _ = model(tokens)
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
             total = (losses.view(NUM_ENDINGS, -1) * mask[:, 1:]).sum(dim=1)
@@ -256,35 +268,7 @@ def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
     return correct / max(len(examples), 1), correct_norm / max(len(examples), 1), len(examples)
 
 
-def _progress_bar(total, enabled):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="ex", desc="hellaswag", disable=not enabled, file=sys.stderr)
-
-# -----------------------------------------------------------------------------
-# On its own: python hellaswag.py --model ...
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2",
-                        help="gpt2[-medium|-large|-xl], a Hugging Face directory, or a checkpoint of train_gpt2.py")
-    parser.add_argument("--data", default="", help="a local hellaswag_{split}.jsonl; default: download into the "
-                                                   f"cache ({CACHE_DIR_ENV} or hellaswag/ beside this file)")
-    parser.add_argument("--split", default="val", choices=SPLIT_SIZES, help="the split to download (default: val)")
-    parser.add_argument("--device", default="", help="cuda, cuda:N, mps or cpu; default: the best available")
-    parser.add_argument("--dtype", default="", help="bfloat16, float16 or float32 (autocast); default: the best "
-                                                    "the device supports (float32 off CUDA)")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
-    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="examples per forward pass")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="also time build-nanogpt's one-example-at-a-time loop and print examples/s of both")
-    args = parser.parse_args(argv)
-    if args.limit < 0 or args.batch_size < 1:
-        parser.error("--limit takes 0 or more, --batch_size 1 or more")
-    return args
-
-
-def benchmark(model, examples, device, dtype, batch_size, rounds=4):
+def benchmark_speed(model, examples, device, dtype, batch_size, rounds=4):
     """(batched, one at a time) examples/s. The two take turns, so that a machine busy with other work
     slows both alike: each round the batched evaluator scores all the examples, and the one-at-a-time
     loop the next quarter of them."""
@@ -300,39 +284,47 @@ def benchmark(model, examples, device, dtype, batch_size, rounds=4):
         seconds[1] += time.perf_counter() - clock
     return rounds * len(examples) / seconds[0], len(examples) / seconds[1]
 
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def run(argv):
+    """Score a model on HellaSwag; under torchrun every process takes a share of the examples."""
+    from train_gpt2 import (UserError, get_tokenizer, load_model, parse_command_line, settings_of,
+                            setup_system)
+    args = SimpleNamespace(**parse_command_line(argv, settings_of(globals()), __doc__, __file__)[0])
+    if args.limit < 0 or args.batch_size < 1:
+        raise UserError("--limit takes 0 or more, --batch_size 1 or more")
+    if args.split not in SPLIT_SIZES:
+        raise UserError(f"--split takes {', '.join(SPLIT_SIZES)}, not '{args.split}'")
+    system = setup_system(args)
+    examples = load_examples(get_tokenizer(), args.data, args.split)[:args.limit or None]
+    net, _ = load_model(args.model)
+    net.to(system.device).eval()
+    if system.master:
+        print(f"{args.model}: {net.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, "
+              f"{system.world_size} x {system.device}, {str(system.dtype).removeprefix('torch.')}")
+    if args.benchmark:
+        if system.world_size > 1:
+            raise UserError("--benchmark compares two loops in one process: run it without torchrun")
+        batched, one_at_a_time = benchmark_speed(net, examples, system.device, system.dtype, args.batch_size)
+        print(f"benchmark: batched {batched:.1f} examples/s, one at a time {one_at_a_time:.1f} examples/s, "
+              f"{batched / one_at_a_time:.1f}x")
+    clock = time.perf_counter()
+    acc, acc_norm, count = evaluate(net, examples, system.device, system.dtype, system.rank, system.world_size,
+                                    args.batch_size, progress=True)
+    if system.master:
+        print(f"{count} examples in {time.perf_counter() - clock:.1f} s, batch_size {args.batch_size}")
+        print(f"acc {acc:.4f} acc_norm {acc_norm:.4f} n {count}")
+
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        # Under torchrun every process takes a share of the examples.
-        rank, _, world_size, device, device_type = setup_device(args)
-        dtype = pick_dtype(args.dtype, device_type)
-        examples = load_examples(args.data, args.split)[:args.limit or None]
-        model, _ = load_model(args.model)
-        model.to(device).eval()
-        if rank == 0:
-            print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, "
-                  f"{world_size} x {device}, {str(dtype).removeprefix('torch.')}")
-        if args.benchmark:
-            if world_size > 1:
-                raise UserError("--benchmark compares two loops in one process: run it without torchrun")
-            batched, one_at_a_time = benchmark(model, examples, device, dtype, args.batch_size)
-            print(f"benchmark: batched {batched:.1f} examples/s, one at a time {one_at_a_time:.1f} examples/s, "
-                  f"{batched / one_at_a_time:.1f}x")
-        clock = time.perf_counter()
-        acc, acc_norm, count = evaluate(model, examples, device, dtype, rank, world_size, args.batch_size,
-                                        progress=True)
-        if rank == 0:
-            print(f"{count} examples in {time.perf_counter() - clock:.1f} s, batch_size {args.batch_size}")
-            print(f"acc {acc:.4f} acc_norm {acc_norm:.4f} n {count}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    from train_gpt2 import run_main
+    run_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # train_gpt2 imports this file as the module hellaswag: run that module's main, so that one DataError
+    # class, not a second copy in __main__, is raised and caught.
+    import hellaswag
+    hellaswag.main()

@@ -10,96 +10,39 @@ The model is train_gpt2.py's GPT, loaded by its load_model: --init_from takes th
 Tokens are printed as they are generated, and each costs the model one position, thanks to its KV cache.
 """
 
-import argparse
 import codecs
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from train_gpt2 import (SETTINGS, UserError, autocast_context, generate, get_tokenizer, load_model, pick_device,
-                        pick_dtype)
+from train_gpt2 import (UserError, generate, get_tokenizer, load_model, parse_command_line, run_main, settings_of,
+                        setup_system)
 
 # -----------------------------------------------------------------------------
-# Command line
+# Settings (python sample.py --help)
 
+init_from = "resume"             # resume (the newest checkpoint in --out_dir), a checkpoint file, gpt2[-medium|-large|-xl] or a Hugging Face directory
+out_dir = "log"                  # where --init_from=resume looks
+prompt = ""                      # text to continue; empty: start a new document (<|endoftext|>)
+prompt_file = ""                 # read the prompt from this file instead
+num_samples = 1                  # samples per prompt
+max_new_tokens = 256             # tokens generated per sample, unless it ends with <|endoftext|> first
+temperature = 1.0                # below 1: safer choices, above 1: wilder; 0: always the likeliest token
+top_k = 50                       # draw only from the k likeliest tokens; 0: no limit
+top_p = 1.0                      # draw only from the likeliest tokens that together have probability p, in (0, 1]
+repetition_penalty = 1.0         # above 1: tokens already in the text become less likely
+seed = 1337                      # the same seed and settings give the same samples
+device = ""                      # cuda, cuda:N, mps or cpu; empty: the best available
+dtype = ""                       # bfloat16, float16 or float32 (autocast); empty: what training would pick
+interactive = False              # read prompts from the terminal, one a line, until end of input (Ctrl-D)
+benchmark = False                # print tokens/s of greedy generation with and without the KV cache, then exit
 
-class ArgumentParser(argparse.ArgumentParser):
+SETTINGS = settings_of(globals())
 
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-def number_type(kind, accepts, requirement):
-    """An argparse type: text -> kind, rejected with `requirement` unless accepts(value)."""
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"takes {requirement}, not '{text}'") from None
-        if not accepts(value):
-            raise argparse.ArgumentTypeError(f"takes {requirement}, not {text}")
-        return value
-    return convert
-
-
-def true_or_false(text):
-    if text not in ("True", "False"):
-        raise argparse.ArgumentTypeError(f"takes True or False, not '{text}'")
-    return text == "True"
-
-
-def parse_args(argv):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    option = parser.add_argument
-    option("--init_from", default="resume",
-           help="resume (the newest checkpoint in --out_dir), a checkpoint file, gpt2[-medium|-large|-xl] or a "
-                "Hugging Face directory (default: %(default)s)")
-    option("--out_dir", default=SETTINGS["out_dir"], help="where --init_from=resume looks (default: %(default)s)")
-    option("--prompt", default="", help="text to continue; empty: start a new document (<|endoftext|>)")
-    option("--prompt_file", default="", help="read the prompt from this file instead")
-    option("--num_samples", type=number_type(int, lambda n: n >= 1, "a whole number >= 1"), default=1,
-           help="samples per prompt (default: %(default)s)")
-    option("--max_new_tokens", type=number_type(int, lambda n: n >= 1, "a whole number >= 1"), default=256,
-           help="tokens generated per sample, unless it ends with <|endoftext|> first (default: %(default)s)")
-    option("--temperature", type=number_type(float, lambda t: t >= 0, "a number >= 0"), default=1.0,
-           help="below 1: safer choices, above 1: wilder; 0: always the likeliest token (default: %(default)s)")
-    option("--top_k", type=number_type(int, lambda k: k >= 0, "a whole number >= 0"), default=50,
-           help="draw only from the k likeliest tokens; 0: no limit (default: %(default)s)")
-    option("--top_p", type=number_type(float, lambda p: 0 < p <= 1, "a number in (0, 1]"), default=1.0,
-           help="draw only from the likeliest tokens that together have probability p (default: %(default)s)")
-    option("--repetition_penalty", type=number_type(float, lambda r: r > 0, "a number > 0"), default=1.0,
-           help="above 1: tokens already in the text become less likely (default: %(default)s)")
-    option("--seed", type=int, default=1337, help="the same seed and settings give the same samples")
-    option("--device", default="", help="cuda, cuda:N, mps or cpu; empty: the best available")
-    option("--dtype", default="", help="bfloat16, float16 or float32 (autocast); empty: what training would pick")
-    option("--interactive", type=true_or_false, nargs="?", const=True, default=False,
-           help="read prompts from the terminal, one a line, until end of input (Ctrl-D)")
-    option("--benchmark", type=true_or_false, nargs="?", const=True, default=False,
-           help="print tokens/s of greedy generation with and without the KV cache, then exit")
-    args = parser.parse_args(argv)
-    if args.init_from == "scratch":
-        raise UserError("--init_from=scratch would sample from random weights; give resume, a checkpoint file, "
-                        "a GPT-2 name or a Hugging Face directory")
-    if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                args.prompt = f.read()
-        except OSError as e:
-            raise UserError(f"cannot read --prompt_file={args.prompt_file}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise UserError(f"--prompt_file={args.prompt_file} is not UTF-8 text") from None
-        if not args.prompt.strip():
-            raise UserError(f"--prompt_file={args.prompt_file} is empty; write a prompt in it "
-                            f"(to start a new document, leave out --prompt and --prompt_file)")
-    return args
-
-
-def device_and_autocast(device, dtype):
-    """The device to run on ('': the best available) and the autocast context for dtype, chosen as training does."""
-    device = pick_device(device)
-    device_type = device.split(":")[0]
-    return device, autocast_context(device_type, pick_dtype(dtype, device_type))
+# -----------------------------------------------------------------------------
+# Sampling
 
 
 def encode(tokenizer, prompt, device):
@@ -135,7 +78,11 @@ def typed_prompts():
             yield line
 
 
-def benchmark(model, tokenizer, prompt, max_new_tokens):
+# -----------------------------------------------------------------------------
+# Benchmark and command line
+
+
+def benchmark_speed(model, tokenizer, prompt, max_new_tokens):
     """Print the tokens/s of greedy generation with and without the KV cache, and whether they agree."""
     c = model.config
     idx = encode(tokenizer, prompt, next(model.parameters()).device)
@@ -152,31 +99,54 @@ def benchmark(model, tokenizer, prompt, max_new_tokens):
     print(f"the cache is {speed[True] / speed[False]:.1f}x faster; the two outputs are {same} token for token")
 
 
-def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+def parse_args(argv):
+    """The settings from the command line, checked, with the prompt read from --prompt_file if given."""
+    args = SimpleNamespace(**parse_command_line(argv, SETTINGS, __doc__, __file__)[0])
+    for name, good, requirement in (
+            ("num_samples", args.num_samples >= 1, "a whole number >= 1"),
+            ("max_new_tokens", args.max_new_tokens >= 1, "a whole number >= 1"),
+            ("temperature", args.temperature >= 0, "a number >= 0"),
+            ("top_k", args.top_k >= 0, "a whole number >= 0"),
+            ("top_p", 0 < args.top_p <= 1, "a number in (0, 1]"),
+            ("repetition_penalty", args.repetition_penalty > 0, "a number > 0")):
+        if not good:
+            raise UserError(f"--{name} takes {requirement}, not {getattr(args, name):g}")
+    if args.init_from == "scratch":
+        raise UserError("--init_from=scratch would sample from random weights; give resume, a checkpoint file, "
+                        "a GPT-2 name or a Hugging Face directory")
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompt = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read --prompt_file={args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt_file={args.prompt_file} is not UTF-8 text") from None
+        if not args.prompt.strip():
+            raise UserError(f"--prompt_file={args.prompt_file} is empty; write a prompt in it "
+                            f"(to start a new document, leave out --prompt and --prompt_file)")
+    return args
 
 
-def run(args):
+def run(argv):
     """Load the model and print samples, or the benchmark."""
-    device, autocast = device_and_autocast(args.device, args.dtype)
+    args = parse_args(argv)
+    system = setup_system(args)
     model, _ = load_model(args.init_from, args.out_dir)
-    model.to(device).eval()
+    model.to(system.device).eval()
     tokenizer = get_tokenizer()
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    with autocast:
+    generator = torch.Generator(device=system.device).manual_seed(args.seed)
+    with system.autocast:
         if args.benchmark:
-            benchmark(model, tokenizer, args.prompt, args.max_new_tokens)
-            return
+            return benchmark_speed(model, tokenizer, args.prompt, args.max_new_tokens)
         for prompt in typed_prompts() if args.interactive else [args.prompt]:
             for _ in range(args.num_samples):
                 print_sample(model, tokenizer, prompt, args, generator)
                 print("-" * 40)
+
+
+def main(argv=None):
+    run_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

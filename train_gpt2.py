@@ -4,23 +4,25 @@ Train GPT-2 from scratch, or from OpenAI's weights, on uint16 token shards.
     python train_gpt2.py --preset=shakespeare         # a small model on input.txt, a few CPU minutes
     python train_gpt2.py                              # GPT-2 124M on FineWeb-Edu 10B (python fineweb.py first)
     torchrun --nproc_per_node=8 train_gpt2.py         # the same on 8 GPUs
+    python train_gpt2.py --init_from=resume --out_dir=log/shakespeare   # go on where a run stopped
     python train_gpt2.py --help                       # every setting, its default and what it does
 
-The constants below are the interface: edit them, or override any of them as --name=value.
-The file reads top to bottom: configuration, tokenizer, model, data, evaluation, training loop.
+The constants below are the interface: edit them, or override any of them as --name=value or --name value.
+The file reads top to bottom: settings, system, tokenizer, model, data, checkpoints, evaluation, training,
+the other modes (export, evaluation only, benchmark), main.
 """
 
 import difflib
 import glob
 import hashlib
+import json
 import math
 import os
 import re
 import signal
 import sys
 import time
-import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -30,8 +32,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hellaswag import DataError as HellaSwagError, evaluate as hellaswag_evaluate, load_examples as hellaswag_examples
+
 # -----------------------------------------------------------------------------
-# Configuration. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B.
+# Settings. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B.
 # The comment after each constant is its --help text.
 
 preset = ""                      # a named bundle of settings applied first: shakespeare
@@ -39,7 +43,7 @@ preset = ""                      # a named bundle of settings applied first: sha
 data_dir = "edu_fineweb10B"      # directory of token shards (*train*/*val*, .bin or .npy), or a .txt file
 out_dir = "log"                  # checkpoints, log.txt and samples go here
 init_from = "scratch"            # scratch, resume, gpt2[-medium|-large|-xl], a Hugging Face directory, or a checkpoint file
-# model (ignored when init_from loads a model)
+# model (taken from the model when init_from loads one)
 n_layer = 12                     # transformer blocks
 n_head = 12                      # attention heads per block
 n_embd = 768                     # width of the residual stream
@@ -79,6 +83,7 @@ seed = 1337                      # seeds every random number generator (each ran
 # modes
 eval_only = False                # evaluate the model (validation loss, HellaSwag, samples) and exit
 benchmark = False                # time training steps on random tokens and print tokens/s, MFU, memory
+profile = ""                     # with benchmark: write a torch.profiler trace of 3 steps into this directory
 export_hf = ""                   # write the model as a Hugging Face directory here and exit
 
 PRESETS = {
@@ -90,9 +95,18 @@ PRESETS = {
         hellaswag=False, num_samples=1, sample_length=64, sample_prompt="ROMEO:",
     ),
 }
+# What a run is, as opposed to what this invocation does: a resumed run takes these from its checkpoint.
+MODES = ("preset", "init_from", "eval_only", "benchmark", "profile", "export_hf")
+SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
 
-SETTINGS = {name: value for name, value in globals().items()
-            if not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))}
+
+def settings_of(namespace):
+    """A script's settings: its lowercase module constants of a plain type, in the order they are written."""
+    return {name: value for name, value in namespace.items() if name.islower() and not name.startswith("_")
+            and isinstance(value, (bool, int, float, str, list, type(None)))}
+
+
+SETTINGS = settings_of(globals())
 
 # Where tiny Shakespeare comes from when input.txt is missing, and what it must hash to.
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -103,58 +117,217 @@ GPT2_BPE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
 
+# -----------------------------------------------------------------------------
+# System: the command line, errors, files, devices and processes. The other scripts import these from
+# here, the one file they all import, so that every script reads its command line, reports bad input,
+# writes files and picks a device the same way.
+
 
 class UserError(Exception):
-    """Bad input: main() prints the message on one line and exits with status 2, no traceback."""
+    """Bad input: run_main() prints the message on one line and exits with status 2, no traceback."""
 
 
-def parse_settings(argv):
-    """Return the settings as a dict: defaults, then the preset, then each --name=value in argv."""
-    settings = dict(SETTINGS)
-    overrides = {}
-    for arg in argv:
+def run_main(function, *args, interrupted=""):
+    """Run a script's work. Bad input ends it with one 'error:' line and exit status 2; Ctrl-C with status 130
+    (and the hint `interrupted`, if any); the process group, if any, is torn down either way."""
+    try:
+        function(*args)
+    except (UserError, HellaSwagError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if interrupted:
+            print(f"interrupted: {interrupted}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def parse_command_line(argv, defaults, doc, source, presets=None, positional=None):
+    """(settings, given): the defaults updated from argv, and the names argv gave.
+
+    Every script reads its command line alike: --name=value or --name value, typed like the default;
+    a bare --name sets a boolean; a list takes the values up to the next --name; --help prints the settings.
+    positional, if given, names the list setting that words without a -- go to. With presets, --preset
+    applies its bundle first and flags still win."""
+    given, args = {}, list(argv)
+    while args:
+        arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(help_text())
+            print(help_text(defaults, doc, source, presets))
             sys.exit(0)
-        name, eq, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise UserError(f"cannot read '{arg}': write settings as --name=value (see --help)")
-        if name not in SETTINGS:
-            close = difflib.get_close_matches(name, SETTINGS, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else "; see --help for the list"
-            raise UserError(f"unknown setting --{name}{hint}")
-        overrides[name] = parse_value(name, text, SETTINGS[name])
-    name = overrides.get("preset", settings["preset"])
-    if name:
-        if name not in PRESETS:
-            raise UserError(f"unknown preset '{name}'; the presets are: {', '.join(PRESETS)}")
-        settings.update(PRESETS[name])
-    settings.update(overrides)
-    return settings
+        if not arg.startswith("--"):
+            if positional is None:
+                raise UserError(f"cannot read '{arg}': write settings as --name=value or --name value (see --help)")
+            given.setdefault(positional, []).append(arg)
+            continue
+        name, eq, text = arg[2:].partition("=")
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            raise UserError(f"unknown setting --{name}" + (f"; did you mean --{close[0]}?" if close else "; see --help"))
+        default = defaults[name]
+        if isinstance(default, list) and not eq:
+            values = []
+            while args and not args[0].startswith("--"):
+                values.append(args.pop(0))
+            if not values:
+                raise UserError(f"--{name} takes one or more values")
+            given[name] = given.get(name, []) + values
+            continue
+        if not eq:
+            if isinstance(default, bool) or default is None:
+                text = args.pop(0) if args and args[0] in ("True", "False", "None") else "True"  # a bare --flag
+            elif not args:
+                raise UserError(f"--{name} takes a value: --{name}=VALUE or --{name} VALUE")
+            else:
+                text = args.pop(0)
+        given[name] = parse_value(name, text, default)
+    settings = dict(defaults)
+    if presets is not None and given.get("preset", defaults["preset"]):
+        name = given.get("preset", defaults["preset"])
+        if name not in presets:
+            raise UserError(f"unknown preset '{name}'; the presets are: {', '.join(presets)}")
+        settings.update(presets[name])
+    settings.update(given)
+    return settings, set(given)
 
 
 def parse_value(name, text, default):
     """Convert text to the type of the setting's default."""
     if isinstance(default, bool) or default is None:
-        choices = {"True": True, "False": False} if default is not None else {"True": True, "False": False, "None": None}
+        choices = {"True": True, "False": False} | ({"None": None} if default is None else {})
         if text not in choices:
             raise UserError(f"--{name} takes {' or '.join(choices)}, not '{text}'")
         return choices[text]
+    if isinstance(default, list):
+        return [text]
     try:
         return type(default)(text)
     except ValueError:
-        raise UserError(f"--{name} takes a{'n' if type(default) is int else ''} {type(default).__name__}, not '{text}'") from None
+        kind = {int: "a whole number", float: "a number"}.get(type(default), type(default).__name__)
+        raise UserError(f"--{name} takes {kind}, not '{text}'") from None
 
 
-def help_text():
-    """Every setting with its default and the comment beside it in this file."""
-    with open(__file__, encoding="utf-8") as f:
+def help_text(defaults, doc, source, presets=None):
+    """The script's docstring, then every setting with its default and the comment beside it in the script."""
+    with open(source, encoding="utf-8") as f:
         comments = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", f.read(), flags=re.M))
-    lines = [__doc__.strip(), "", "settings (--name=value):"]
-    for name, default in SETTINGS.items():
-        lines.append(f"  {'--' + name + '=' + str(default):<34} {comments.get(name, '')}")
-    lines.append(f"\npresets: {', '.join(PRESETS)}")
+    lines = [doc.strip(), "", "settings: --name=value or --name value (a bare --name for a boolean is True)"]
+    for name, default in defaults.items():
+        shown = " ".join(default) if isinstance(default, list) else default
+        lines.append(f"  {'--' + name + '=' + str(shown):<34} {comments.get(name, '')}")
+    if presets:
+        lines.append(f"\npresets: {', '.join(presets)}")
     return "\n".join(lines)
+
+
+def parse_settings(argv):
+    """train_gpt2.py's settings from its command line: (settings, the names given)."""
+    return parse_command_line(argv, SETTINGS, __doc__, __file__, PRESETS)
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file beside path, flush it to disk, then rename it to path: a crash at any
+    moment leaves the old file or the new one, whole, never a part. The temporary name is the process's own,
+    so that processes writing the same file at once never write into each other's."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def download(url, path, sha256=None):
+    """Fetch url into path, checked against sha256 if given. torch.hub writes a temporary file, checks it
+    and renames it, so an interrupted download never leaves a file under the final name."""
+    try:
+        torch.hub.download_url_to_file(url, path, hash_prefix=sha256, progress=sys.stderr.isatty())
+    except (OSError, RuntimeError) as e:  # urllib's errors are OSErrors; a wrong hash is a RuntimeError
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise UserError(f"cannot download {url} into {path} ({reason})") from None
+
+
+@contextmanager
+def first_on_each_node():
+    """Let local rank 0 go first (to download a file, say) while the other processes of its node wait, then
+    find its result there. Outside torchrun it only runs the body."""
+    waits = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) != 0
+    if waits:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and not waits:
+            dist.barrier()
+
+
+def pick_device(name):
+    """The device to run on: the one named, or the best available (cuda, then mps, then cpu)."""
+    device = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device_type = device_type_of(device)
+    if device_type not in available:
+        raise UserError(f"--device takes cuda, cuda:N, mps or cpu, not '{device}'")
+    if not available[device_type]:
+        raise UserError(f"--device={device} is not available on this machine; try --device=cpu")
+    return device
+
+
+def device_type_of(device):
+    """'cuda' for 'cuda:1', and so on: what torch.autocast and the optimizers ask for."""
+    return str(device).split(":")[0]
+
+
+def pick_dtype(name, device_type):
+    """The autocast dtype: the one named, or bfloat16 on a GPU that has it, float16 on one that doesn't."""
+    if not name:
+        if device_type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # V100, T4: fp16 + loss scaling
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype={name}: choose bfloat16, float16 or float32")
+    return getattr(torch, name)
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision in dtype on this kind of device; float32 means none."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def setup_system(cfg):
+    """Processes, device and precision from torchrun's environment and the settings, as a namespace:
+    rank, local_rank, world_size, master, device, device_type, dtype, autocast."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = pick_device(cfg.device)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    device_type = device_type_of(device)
+    dtype = pick_dtype(cfg.dtype, device_type)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
+                           device_type=device_type, dtype=dtype, autocast=autocast_context(device_type, dtype))
+
+
+# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
+# name found in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+              "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device):
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -341,24 +514,12 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, eps, device_type):
-        # Decay the matrices and embeddings; biases and LayerNorm gains stay free.
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # The fused kernel updates every parameter in one launch on CUDA.
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
-
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
         """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face hub, or a local directory
         written by transformers' save_pretrained."""
         from transformers import GPT2LMHeadModel
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()  # its progress bars and notes would bury our own messages
-        hf_logging.disable_progress_bar()
+        quiet_transformers()
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except OSError as e:
@@ -397,6 +558,7 @@ class GPT(nn.Module):
                 value = value[:self.config.vocab_size]
             state[key] = value.contiguous()
         return state
+
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards, memory-mapped, or a .txt file tokenized in memory
@@ -446,29 +608,17 @@ def check_token_ids(name, tokens, vocab_size):
                         f"vocab_size {vocab_size}; the data was made with another tokenizer")
 
 
-def download_shakespeare(path):
-    """Fetch tiny Shakespeare into path, checked against its known sha256, written atomically."""
-    print(f"{path} is missing: downloading tiny Shakespeare from {SHAKESPEARE_URL}")
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
-            data = response.read()
-    except OSError as e:
-        raise UserError(f"{path} is missing and the download failed ({e}); put tiny Shakespeare "
-                        f"(1,115,394 bytes, from {SHAKESPEARE_URL}) at {path}") from None
-    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
-        raise UserError(f"the file downloaded from {SHAKESPEARE_URL} is not tiny Shakespeare (sha256 differs)")
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
-
 
 def find_data(data_dir, vocab_size):
     """(train, val): lists of token sources, each a shard path or an in-memory uint16 array."""
     if data_dir.endswith(".txt"):
+        if os.path.basename(data_dir) == "input.txt":
+            with first_on_each_node():  # one download per node; the other processes then find the file
+                if not os.path.exists(data_dir):
+                    print(f"{data_dir} is missing: downloading tiny Shakespeare from {SHAKESPEARE_URL}")
+                    download(SHAKESPEARE_URL, data_dir, SHAKESPEARE_SHA256)
         if not os.path.exists(data_dir):
-            if os.path.basename(data_dir) != "input.txt":
-                raise UserError(f"data_dir {data_dir} does not exist")
-            download_shakespeare(data_dir)
+            raise UserError(f"data_dir {data_dir} does not exist")
         with open(data_dir, encoding="utf-8", errors="replace") as f:
             tokens = np.array(get_tokenizer().encode_ordinary(f.read()), dtype=np.uint16)
         if len(tokens) == 0:
@@ -540,8 +690,9 @@ class DataLoader:
             self.position += size - 1
         return chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
 
+
 # -----------------------------------------------------------------------------
-# Checkpoints and loading a model from any init_from value
+# Checkpoints, and loading a model from any init_from value
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -552,11 +703,10 @@ def checkpoint_paths(out_dir):
 
 
 def save_checkpoint(out_dir, state, keep):
-    """Write atomically: a crash mid-write leaves the previous checkpoint whole. Keep the newest `keep`."""
+    """Write atomically (a crash mid-write leaves the previous checkpoint whole); keep the newest `keep`."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoint_paths(out_dir)[:-keep]:
         os.remove(old)
     return path
@@ -576,27 +726,45 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def load_model(init_from, out_dir="log", dropout=None):
-    """(model, checkpoint) for init_from = resume, a checkpoint file, a GPT-2 name or a Hugging Face
-    directory; checkpoint is None for the last two. dropout, if given, replaces the model's own."""
+def checkpoint_of(init_from, out_dir):
+    """The checkpoint dict that init_from names (resume: the newest in out_dir), or None for scratch, a GPT-2
+    name or a Hugging Face directory."""
+    if init_from == "scratch" or init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "config.json")):
+        return None
     if init_from == "resume":
         paths = checkpoint_paths(out_dir)
         if not paths:
-            raise UserError(f"--init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}; "
-                            f"set --out_dir to the run's directory, or start with --init_from=scratch")
+            raise UserError(f"--init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}; set --out_dir to the "
+                            f"directory of the run, or --init_from to a checkpoint file or a model")
         init_from = paths[-1]
-    if init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "config.json")):
-        return GPT.from_pretrained(init_from, dropout=dropout or 0.0), None
     if not os.path.isfile(init_from):
         raise UserError(f"--init_from={init_from} is neither a checkpoint file, a directory with a config.json, "
                         f"nor one of: scratch, resume, {', '.join(PRETRAINED)}")
-    checkpoint = load_checkpoint(init_from)
+    return load_checkpoint(init_from)
+
+
+def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
+    """(model, checkpoint) for init_from = resume, a checkpoint file, a GPT-2 name or a Hugging Face
+    directory; checkpoint is None for the last two. dropout, if given, replaces the model's own."""
+    if init_from == "scratch":
+        raise UserError("--init_from=scratch has no model to load; give resume, a checkpoint file, "
+                        "a GPT-2 name or a Hugging Face directory")
+    checkpoint = checkpoint or checkpoint_of(init_from, out_dir)
+    if checkpoint is None:
+        return GPT.from_pretrained(init_from, dropout=dropout or 0.0), None
     config = GPTConfig(**checkpoint["config"])
     if dropout is not None:
         config.dropout = dropout
     model = GPT(config)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
+
+
+def quiet_transformers():
+    """transformers' progress bars and notes would bury our own messages."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def save_hf(model, directory):
@@ -606,6 +774,7 @@ def save_hf(model, directory):
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
     if os.path.isfile(directory):
         raise UserError(f"cannot export to {directory}: it is a file; name a directory")
+    quiet_transformers()
     c = model.config
     hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                            n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
@@ -619,7 +788,27 @@ def save_hf(model, directory):
     GPT2TokenizerFast.from_pretrained(directory, model_max_length=c.block_size).save_pretrained(directory)
 
 # -----------------------------------------------------------------------------
-# Evaluation: validation loss, samples, HellaSwag
+# Evaluation: validation loss, samples, HellaSwag, and the run's log
+
+
+class RunLog:
+    """The records of a run, each (step, kind, value): a line `{step} {kind} {value}` in a file (build-nanogpt's
+    log.txt format, which plot.py reads), the same line with its details on the console, and everything to
+    W&B when a run is attached. Only rank 0 writes; the others keep quiet."""
+
+    def __init__(self, path, enabled, wandb_run=None):
+        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
+
+    def record(self, step, kind, value, details=(), metrics=None):
+        """details: (text, ...) for the console only; metrics: {name: number} for W&B only."""
+        if not self.enabled:
+            return
+        line = f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}"
+        print(" | ".join([line, *details]), flush=True)
+        with open(self.path, "a") as f:  # append: a resumed run adds to the run's log
+            f.write(line + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({kind: value, **(metrics or {})}, step=step)
 
 
 @torch.no_grad()
@@ -697,19 +886,51 @@ def choose_token(logits, temperature, top_k, top_p, generator=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
-def print_samples(model, cfg, autocast, device, rank):
-    """A few top-k 50 samples from the prompt; each rank's generator is seeded alike every time, so the
+
+def samples(model, cfg, system):
+    """A few top-k 50 samples from the prompt, as text. The generator is seeded alike every time, so the
     training's random state is untouched and the samples of two evaluations differ only by the weights."""
     enc = get_tokenizer()
-    prompt = torch.tensor(enc.encode(cfg.sample_prompt, allowed_special="all"), dtype=torch.long, device=device)
+    prompt = torch.tensor(enc.encode(cfg.sample_prompt, allowed_special="all"), dtype=torch.long, device=system.device)
     idx = prompt[-model.config.block_size // 2:].repeat(cfg.num_samples, 1)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    generator = torch.Generator(device=system.device).manual_seed(cfg.seed + system.rank)
     model.eval()
-    with autocast:
+    with system.autocast:
         tokens = torch.stack(list(generate(model, idx, cfg.sample_length, top_k=50, generator=generator)), dim=1)
     model.train()
-    for i, row in enumerate(torch.cat([idx, tokens], dim=1).tolist()):
-        print(f"rank {rank} sample {i}: {enc.decode(row)!r}")
+    return [enc.decode(row) for row in torch.cat([idx, tokens], dim=1).tolist()]
+
+
+def load_hellaswag(cfg):
+    """HellaSwag's tokenized examples if the run evaluates it, else None. One process per node downloads."""
+    if not cfg.hellaswag:
+        return None
+    with first_on_each_node():
+        try:
+            return hellaswag_examples(get_tokenizer(), cfg.hellaswag_data)
+        except HellaSwagError as e:
+            raise UserError(f"{e}; or turn HellaSwag off with --hellaswag=False") from None
+
+
+def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log):
+    """Validation loss, HellaSwag and samples of the plain (uncompiled, unwrapped) model after `step` steps,
+    recorded in `log`. Returns the validation loss."""
+    val_loss = validation_loss(model, val_loader, math.ceil(cfg.eval_iters / system.world_size), system.autocast, system.device)
+    perplexity = math.exp(min(val_loss, 50))
+    log.record(step, "val", val_loss, [f"perplexity {perplexity:.2f}"], {"perplexity": perplexity})
+    if hellaswag_examples is not None:
+        model.eval()
+        acc, acc_norm, count = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype,
+                                                  rank=system.rank, world_size=system.world_size)
+        model.train()
+        log.record(step, "hella", acc_norm, [f"acc {acc:.4f} over {count} examples"], {"hella_acc": acc})
+    if cfg.num_samples > 0 and system.master:
+        texts = samples(model, cfg, system)
+        for i, text in enumerate(texts):
+            print(f"sample {i}: {text}")
+        if log.wandb_run is not None:
+            log.wandb_run.log_samples(step, texts)
+    return val_loss
 
 # -----------------------------------------------------------------------------
 # Training
@@ -725,73 +946,53 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
-# name found in torch.cuda.get_device_name() wins, so the more specific names come first.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-              "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
+def configure_optimizers(model, cfg, device_type):
+    """The optimizers of a run, as a list. AdamW decays the matrices and embeddings; biases and LayerNorm
+    gains stay free. On CUDA the fused kernel updates every parameter in one launch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return [torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                              fused=device_type == "cuda")]
 
 
-def peak_flops(device):
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+def set_lr(optimizers, lr):
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
 
-def pick_device(name):
-    """The device to run on: the one named, or the best available (cuda, then mps, then cpu)."""
-    device = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device_type = device.split(":")[0]
-    if device_type not in available:
-        raise UserError(f"--device takes cuda, cuda:N, mps or cpu, not '{device}'")
-    if not available[device_type]:
-        raise UserError(f"--device={device} is not available on this machine; try --device=cpu")
-    return device
+def grad_accum_steps_for(cfg, world_size):
+    """Micro-steps per optimizer step, so that processes x micro-steps x batch_size x block_size = total_batch_size."""
+    micro_batch = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % micro_batch:
+        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of batch_size x block_size x "
+                        f"processes = {cfg.batch_size} x {cfg.block_size} x {world_size} = {micro_batch:,}; change one of them")
+    return cfg.total_batch_size // micro_batch
 
 
-def autocast_context(device_type, dtype):
-    """Mixed precision in dtype on this kind of device; float32 means none."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+def wrap_for_training(model, cfg, system):
+    """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the
+    compiler then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass.
+    Evaluation, sampling and checkpoints use the plain model."""
+    ddp_model = None
+    if system.world_size > 1:
+        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[system.local_rank] if system.device_type == "cuda" else None, gradient_as_bucket_view=True)
+    if compiles(cfg, system):
+        model = torch.compile(model)
+    return model, ddp_model
 
 
-def setup_device(cfg):
-    """(rank, local_rank, world_size, device, device_type) from torchrun's environment and the settings."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = pick_device(cfg.device)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, local_rank, world_size, device, device.split(":")[0]
+def compiles(cfg, system):
+    return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
 
 
-def pick_dtype(name, device_type):
-    if not name:
-        if device_type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # V100, T4: fp16 + loss scaling
-    if name not in ("bfloat16", "float16", "float32"):
-        raise UserError(f"--dtype={name}: choose bfloat16, float16 or float32")
-    return getattr(torch, name)
-
-
-def gather_rng_states(device_type):
-    """Every rank's random number generator states, as a list indexed by rank."""
-    state = {"cpu": torch.get_rng_state()}
-    if device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def train_step(model, ddp_model, optimizer, scaler, loader, grad_accum_steps, autocast, device, grad_clip):
+def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, autocast, device, grad_clip):
     """Forward and backward over grad_accum_steps micro-batches, then clip. Returns the mean loss (averaged
-    over ranks) and the gradient norm as device tensors; the caller decides whether to step."""
+    over ranks) and the gradient norm as device tensors; apply_update decides whether to step."""
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = to_device(loader.next_batch(), device)
@@ -806,234 +1007,325 @@ def train_step(model, ddp_model, optimizer, scaler, loader, grad_accum_steps, au
         scaler.scale(loss).backward()
     if ddp_model is not None:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    scaler.unscale_(optimizer)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     return loss_sum, norm
 
 
-def main(argv=None):
-    try:
-        train(parse_settings(sys.argv[1:] if argv is None else argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(settings):
-    cfg = SimpleNamespace(**settings)
-    rank, local_rank, world_size, device, device_type = setup_device(cfg)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    dtype = pick_dtype(cfg.dtype, device_type)
-    autocast = autocast_context(device_type, dtype)
-    torch.manual_seed(cfg.seed + rank)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-
-    # The model: new, resumed, or loaded from a checkpoint or OpenAI's weights.
-    checkpoint = None
-    if cfg.init_from == "scratch":
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    else:
-        resume = cfg.init_from == "resume"
-        model, checkpoint = load_model(cfg.init_from, cfg.out_dir, dropout=None if resume else cfg.dropout)
-        if resume:
-            check_resume_settings(checkpoint, settings)
-        else:
-            checkpoint = None  # a checkpoint file given by name starts a new run from its weights
-    if cfg.export_hf:
-        save_hf(model, cfg.export_hf)
-        say(f"wrote {cfg.export_hf}")
-        return
-    model.config.activation_checkpointing = cfg.activation_checkpointing
-    if cfg.block_size > model.config.block_size:
-        raise UserError(f"--block_size={cfg.block_size} is longer than the model's context of "
-                        f"{model.config.block_size} tokens; set --block_size={model.config.block_size} or less")
-    model.to(device)
-    raw_model = model  # evaluation, sampling and checkpoints use the plain module
-
-    # Batch geometry.
-    B, T = cfg.batch_size, cfg.block_size
-    if cfg.total_batch_size % (B * T * world_size):
-        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of batch_size x block_size x "
-                        f"processes = {B} x {T} x {world_size} = {B * T * world_size:,}; change one of them")
-    grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
-
-    # DDP first, then compile: the compiler then splits the graph at DDP's buckets so that the
-    # gradient all-reduce overlaps the backward pass.
-    ddp_model = None
-    if world_size > 1:
-        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True)
-    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
-    if use_compile:
-        model = torch.compile(model)
-
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-
-    if cfg.benchmark:
-        return run_benchmark(model, ddp_model, raw_model, optimizer, scaler, cfg, grad_accum_steps, autocast, device, say)
-
-    vocab = raw_model.config.vocab_size
-    train_sources, val_sources = find_data(cfg.data_dir, vocab)
-    train_loader = DataLoader(train_sources, B, T, rank, world_size, vocab)
-    val_loader = DataLoader(val_sources, B, T, rank, world_size, vocab)
-
-    step, best_val_loss = 0, float("inf")
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        rng = checkpoint["rng"]
-        if len(rng) == world_size:
-            torch.set_rng_state(rng[rank]["cpu"])
-            if device_type == "cuda" and "cuda" in rng[rank]:
-                torch.cuda.set_rng_state(rng[rank]["cuda"])
-        else:
-            say(f"note: the checkpoint was written by {len(rng)} processes, not {world_size}: random states start afresh")
-        say(f"resuming from step {step} of {cfg.out_dir}")
-        del checkpoint  # free the host copy of the weights and optimizer state
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "log.txt")
-
-    def log(line):
-        """Print the line; log.txt gets what comes before the first ' | ', in build-nanogpt's format."""
-        say(line)
-        if master:
-            with open(log_path, "a") as f:  # append: a resumed run adds to the run's log
-                f.write(line.split(" | ")[0] + "\n")
-
-    hellaswag_examples = None
-    if cfg.hellaswag:
-        import hellaswag
-        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data)
-
-    def evaluate(at_step):
-        nonlocal best_val_loss
-        val_loss = validation_loss(model, val_loader, math.ceil(cfg.eval_iters / world_size), autocast, device)
-        best_val_loss = min(best_val_loss, val_loss)
-        log(f"{at_step} val {val_loss:.4f} | perplexity {math.exp(min(val_loss, 50)):.2f}")
-        if hellaswag_examples is not None:
-            raw_model.eval()
-            acc, acc_norm, count = hellaswag.evaluate(raw_model, hellaswag_examples, device, dtype,
-                                                      rank=rank, world_size=world_size)
-            raw_model.train()
-            log(f"{at_step} hella {acc_norm:.4f} | acc {acc:.4f} over {count} examples")
-        if cfg.num_samples > 0 and master:
-            print_samples(raw_model, cfg, autocast, device, rank)
-
-    def checkpoint_now(at_step):
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            say(f"step {at_step}: the model has non-finite weights; no checkpoint written")
-            return
-        rng = gather_rng_states(device_type)
-        if master:
-            path = save_checkpoint(cfg.out_dir, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "config": asdict(raw_model.config), "settings": settings, "step": at_step,
-                "loader": train_loader.state_dict(), "rng": rng, "best_val_loss": best_val_loss,
-            }, cfg.keep_checkpoints)
-            say(f"saved {path}")
-
-    if cfg.eval_only:
-        return evaluate(step)
-
-    # Preemption and Ctrl-C: finish the step, save, exit 0.
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
-    signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
-
-    tokens_per_step = B * T * grad_accum_steps * world_size
-    flops, peak = raw_model.flops_per_token() * tokens_per_step, peak_flops(device)
-    say(f"{raw_model.num_params():,} parameters | {world_size} processes x {grad_accum_steps} micro-steps x "
-        f"{B} x {T} tokens = {tokens_per_step:,} tokens per step | {device}, {str(dtype)[6:]}, compile {use_compile}")
-    if step == 0:
-        evaluate(0)  # the untrained model's loss is the baseline
-    nonfinite_in_a_row = 0
-    while step < cfg.max_steps:
-        t0 = time.time()
-        lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, norm = train_step(model, ddp_model, optimizer, scaler, train_loader, grad_accum_steps,
-                                autocast, device, cfg.grad_clip)
-        stop = torch.tensor(float(bool(stop_requested)), device=device)
-        if world_size > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal to any rank stops them all at this step
-        loss, norm, stop = loss.item(), norm.item(), stop.item()  # the one wait for the device in a step
-        if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):
+def apply_update(optimizers, scaler, loss, norm, failures, say):
+    """Step the optimizers, unless the loss or the gradient norm is not finite: such an update is skipped, and
+    three in a row stop the run. Returns how many updates in a row have now been skipped."""
+    if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):
+        for optimizer in optimizers:
             scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
-            nonfinite_in_a_row = 0
-        else:
-            nonfinite_in_a_row += 1
-            say(f"step {step}: loss {loss}, gradient norm {norm}: update skipped")
-            if nonfinite_in_a_row >= 3:
-                raise UserError(f"non-finite loss or gradient norm for 3 steps in a row, up to step {step}; "
-                                f"lower --max_lr, or resume from the last good checkpoint with --init_from=resume")
-        scaler.update()
+        failures = 0
+    else:
+        failures += 1
+        say(f"loss {loss}, gradient norm {norm}: update skipped")
+        if failures >= 3:
+            raise UserError("non-finite loss or gradient norm for 3 steps in a row; lower --max_lr, or resume "
+                            "from the last good checkpoint with --init_from=resume")
+    scaler.update()
+    for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        mfu = f" | mfu {100 * flops / dt / peak:.1f}%" if peak else ""
-        log(f"{step} train {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {1000 * dt:.0f} ms | "
-            f"{tokens_per_step / dt:,.0f} tok/s{mfu}")
-        step += 1
-        last = step == cfg.max_steps
-        if step % cfg.eval_interval == 0 or last:
-            evaluate(step)
-        if step % cfg.checkpoint_interval == 0 or last or stop:
-            checkpoint_now(step)
+    return failures
+
+
+def stop_signals():
+    """A list that SIGTERM (preemption) and SIGINT (Ctrl-C) append to: the loop then finishes its step, saves
+    a checkpoint and exits with status 0."""
+    requested = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: requested.append(signum))
+    return requested
+
+
+def any_process_stopped(requested, device):
+    """A device tensor, 1 if a signal reached any process: they all stop at the same step."""
+    stop = torch.tensor(float(bool(requested)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return stop
+
+
+def gather_rng_states(device_type):
+    """Every rank's random number generator states, as a list indexed by rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_training_state(run, settings, cfg, system, say):
+    """A checkpoint of everything the run needs to go on exactly where it is; never of non-finite weights."""
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        say(f"step {run.step}: the model has non-finite weights; no checkpoint written")
+        return
+    rng = gather_rng_states(system.device_type)  # every rank takes part
+    if system.master:
+        path = save_checkpoint(cfg.out_dir, {
+            "model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
+            "scaler": run.scaler.state_dict(), "config": asdict(run.model.config), "settings": settings,
+            "step": run.step, "loader": run.train_loader.state_dict(), "rng": rng,
+            "best_val_loss": run.best_val_loss, "wandb_id": run.wandb_id,
+        }, cfg.keep_checkpoints)
+        say(f"saved {path}")
+
+
+def restore_training_state(run, checkpoint, system, say):
+    """Optimizers, loss scaler, data position, step and random states from a checkpoint of this run."""
+    for optimizer, state in zip(run.optimizers, checkpoint["optimizers"], strict=True):
+        optimizer.load_state_dict(state)
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.train_loader.load_state_dict(checkpoint["loader"])
+    run.step, run.best_val_loss, run.wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("wandb_id")
+    rng = checkpoint["rng"]
+    if len(rng) == system.world_size:
+        torch.set_rng_state(rng[system.rank]["cpu"])
+        if system.device_type == "cuda" and "cuda" in rng[system.rank]:
+            torch.cuda.set_rng_state(rng[system.rank]["cuda"])
+    else:
+        say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states start afresh")
+
+
+def duration(seconds):
+    """4h05m, 12m30s or 42s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def train(model, checkpoint, settings, cfg, system):
+    """The training loop: cfg.max_steps optimizer steps of cfg.total_batch_size tokens each, from step 0 or
+    from where the checkpoint stopped, evaluating every eval_interval steps and saving every checkpoint_interval."""
+    say = print if system.master else (lambda *args, **kwargs: None)
+    grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)
+    vocab = model.config.vocab_size
+    train_sources, val_sources = find_data(cfg.data_dir, vocab)
+    train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
+    val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
+    hellaswag_examples = load_hellaswag(cfg)
+    optimizers = configure_optimizers(model, cfg, system.device_type)
+    run = SimpleNamespace(model=model, optimizers=optimizers, train_loader=train_loader, step=0, wandb_id=None,
+                          scaler=torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16),
+                          best_val_loss=float("inf"))
+    if checkpoint is not None:
+        restore_training_state(run, checkpoint, system, say)
+        say(f"resuming from step {run.step} of {cfg.out_dir}")
+        del checkpoint  # free the host copy of the weights and optimizer state
+    step_model, ddp_model = wrap_for_training(model, cfg, system)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master)
+    stop_requested = stop_signals()
+
+    tokens_per_step = cfg.total_batch_size
+    flops_per_step, peak = model.flops_per_token() * tokens_per_step, peak_flops(system.device)
+    say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
+        f"{cfg.batch_size} x {cfg.block_size} tokens = {tokens_per_step:,} tokens per step | {system.device}, "
+        f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
+    if run.step == 0:
+        run.best_val_loss = evaluate(0, model, val_loader, hellaswag_examples, cfg, system, log)  # the baseline
+    first_step, start, failures = run.step, time.time(), 0
+    while run.step < cfg.max_steps:
+        t0 = time.time()
+        lr = get_lr(run.step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
+        set_lr(optimizers, lr)
+        loss, norm = train_step(step_model, ddp_model, optimizers, run.scaler, train_loader, grad_accum_steps,
+                                system.autocast, system.device, cfg.grad_clip)
+        stop = any_process_stopped(stop_requested, system.device)
+        loss, norm, stop = loss.item(), norm.item(), stop.item()  # the one wait for the device in a step
+        failures = apply_update(optimizers, run.scaler, loss, norm, failures, say)
+        if system.device_type == "cuda":
+            torch.cuda.synchronize()  # so that the time below includes the optimizer step
+        dt, done = time.time() - t0, run.step + 1 - first_step
+        left = (time.time() - start) / done * (cfg.max_steps - run.step - 1)
+        mfu = [f"mfu {100 * flops_per_step / dt / peak:.1f}%"] if peak else []
+        log.record(run.step, "train", loss, [f"step {run.step + 1} of {cfg.max_steps}", f"lr {lr:.4e}", f"norm {norm:.4f}",
+                   f"{1000 * dt:.0f} ms", f"{tokens_per_step / dt:,.0f} tok/s", *mfu, f"{duration(left)} left"],
+                   {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_step / dt,
+                    **({"mfu": flops_per_step / dt / peak} if peak else {})})
+        run.step += 1
+        last = run.step == cfg.max_steps
+        if run.step % cfg.eval_interval == 0 or last:
+            run.best_val_loss = min(run.best_val_loss, evaluate(run.step, model, val_loader, hellaswag_examples, cfg, system, log))
+        if run.step % cfg.checkpoint_interval == 0 or last or stop:
+            save_training_state(run, settings, cfg, system, say)
         if stop:
-            say(f"stopped by a signal after step {step}; continue with --init_from=resume")
+            say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
+                f"--out_dir={cfg.out_dir}")
             return
+    say(f"done: {run.step - first_step} steps, {(run.step - first_step) * tokens_per_step:,} tokens in "
+        f"{duration(time.time() - start)}; best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
 
 
-def check_resume_settings(checkpoint, settings):
-    """Resuming with other model settings than the run's would train a different model: refuse."""
-    saved = checkpoint.get("settings", {})
-    changed = [f"--{k}={saved[k]} (given {settings[k]})" for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
-               if k in saved and saved[k] != settings[k]]
-    if changed:
-        raise UserError(f"the checkpoint's run used {', '.join(changed)}; resume with the run's settings")
+# -----------------------------------------------------------------------------
+# The other modes: export, evaluation only, benchmark (and profile)
 
 
-def run_benchmark(model, ddp_model, raw_model, optimizer, scaler, cfg, grad_accum_steps, autocast, device, say):
-    """Time the real training step on random tokens, after compilation and warm-up."""
-    B, T = cfg.batch_size, cfg.block_size
-    vocab = raw_model.config.vocab_size
-    random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, B * T + 1, dtype=np.uint16)
-    loader = DataLoader([random_tokens], B, T, 0, 1, vocab)  # one chunk, read again and again
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+def export(model, cfg):
+    save_hf(model, cfg.export_hf)
+    print(f"wrote {cfg.export_hf}")
+
+
+def evaluate_only(model, checkpoint, cfg, system):
+    """Evaluate the model once. The records go to {out_dir}/evals.txt: log.txt stays the record of training,
+    where each step appears once."""
+    step = checkpoint["step"] if checkpoint else 0
+    _, val_sources = find_data(cfg.data_dir, model.config.vocab_size)
+    val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, model.config.vocab_size)
+    hellaswag_examples = load_hellaswag(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if system.master:
+        print(f"evaluating --init_from={cfg.init_from} (after {step} steps); the results go to {cfg.out_dir}/evals.txt")
+    evaluate(step, model, val_loader, hellaswag_examples, cfg, system, RunLog(os.path.join(cfg.out_dir, "evals.txt"), system.master))
+
+
+def run_benchmark(model, cfg, system):
+    """Time the real training step on random tokens, after compilation and warm-up; with cfg.profile, then
+    profile three more steps."""
+    say = print if system.master else (lambda *args, **kwargs: None)
+    grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)
+    optimizers = configure_optimizers(model, cfg, system.device_type)
+    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
+    step_model, ddp_model = wrap_for_training(model, cfg, system)
+    vocab = model.config.vocab_size
+    random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, cfg.batch_size * cfg.block_size + 1, dtype=np.uint16)
+    loader = DataLoader([random_tokens], cfg.batch_size, cfg.block_size, 0, 1, vocab)  # one chunk, read again and again
+    synchronize = torch.cuda.synchronize if system.device_type == "cuda" else (lambda: None)
+
+    def step():
+        loss, norm = train_step(step_model, ddp_model, optimizers, scaler, loader, grad_accum_steps, system.autocast,
+                                system.device, cfg.grad_clip)
+        apply_update(optimizers, scaler, loss.item(), norm.item(), 0, say)
+        return loss
+
     warmup, measured = 3, 10
-    for i in range(warmup + measured):
-        if i == warmup:
-            synchronize()
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.time()
-        loss, norm = train_step(model, ddp_model, optimizer, scaler, loader, grad_accum_steps, autocast, device, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    for _ in range(warmup):
+        step()
+    synchronize()
+    if system.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for _ in range(measured):
+        loss = step()
     synchronize()
     dt = (time.time() - t0) / measured
-    tokens_per_step = B * T * grad_accum_steps * world_size
-    peak = peak_flops(device)
-    mfu = f"{100 * raw_model.flops_per_token() * tokens_per_step / dt / peak:.1f}%" if peak else "n/a (no peak FLOPS known for this device)"
-    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else "n/a (CPU)"
-    say(f"benchmark: {raw_model.num_params():,} parameters, {tokens_per_step:,} tokens per step, loss {loss.item():.4f}")
+    tokens_per_step = cfg.total_batch_size
+    peak = peak_flops(system.device)
+    mfu = f"{100 * model.flops_per_token() * tokens_per_step / dt / peak:.1f}%" if peak else "n/a (no peak FLOPS known for this device)"
+    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if system.device_type == "cuda" else "n/a (CPU)"
+    say(f"benchmark: {model.num_params():,} parameters, {tokens_per_step:,} tokens per step, loss {loss.item():.4f}")
     say(f"benchmark: {1000 * dt:.1f} ms/step | {tokens_per_step / dt:,.0f} tok/s | mfu {mfu} | peak memory {memory}")
+    if cfg.profile and system.master:
+        profile_steps(step, cfg.profile, system.device_type, synchronize)
+
+
+def profile_steps(step, directory, device_type, synchronize, steps=3):
+    """Run `steps` training steps under torch.profiler, write the trace (chrome://tracing or Perfetto) into
+    directory, and print the ten costliest kernels on a GPU (operators on a CPU), by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "trace.json")
+    profiler.export_chrome_trace(path)
+    sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=10))
+    print(f"profile: {steps} steps, trace in {path}")
+
+# -----------------------------------------------------------------------------
+# Main: settings, model, then the mode asked for
+
+
+def settings_for_run(settings, given, checkpoint):
+    """A resumed run goes on with the settings saved in its checkpoint; the flags given now override them, and
+    each change is said. Returns (settings, ["changed: --max_steps 60 -> 250", ...])."""
+    if settings["init_from"] != "resume" or "settings" not in checkpoint:
+        return settings, []
+    saved = {name: value for name, value in checkpoint["settings"].items() if name in SETTINGS and name not in MODES}
+    changes = [f"changed: --{name} {saved[name]} -> {settings[name]}" for name in sorted(given)
+               if name in saved and saved[name] != settings[name] and name not in SHAPE]
+    return {**settings, **saved, **{name: settings[name] for name in given}}, changes
+
+
+def check_settings(cfg):
+    """Refuse settings that cannot make a model or a run, with one line that says what to change."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
+                 "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name}={getattr(cfg, name)}: it takes 1 or more")
+    for name in ("max_steps", "warmup_steps", "min_lr", "grad_clip", "num_samples", "sample_length"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name}={getattr(cfg, name)}: it takes 0 or more")
+    if cfg.n_embd % cfg.n_head:
+        heads = [h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0]
+        nearest = min(heads, key=lambda h: abs(h - cfg.n_head))
+        raise UserError(f"--n_head={cfg.n_head} does not divide --n_embd={cfg.n_embd}: each head takes "
+                        f"n_embd / n_head channels; try --n_head={nearest}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout={cfg.dropout}: it takes a probability, at least 0 and below 1")
+    if not 0 < cfg.max_lr:
+        raise UserError(f"--max_lr={cfg.max_lr}: the learning rate must be above 0")
+
+
+def make_model(cfg, given, checkpoint):
+    """The model the settings ask for: new, or loaded from init_from. A loaded model's shape is its own: the
+    shape settings take its values, and one given on the command line that differs is refused."""
+    if cfg.init_from == "scratch":
+        check_settings(cfg)
+        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, dropout=cfg.dropout, activation_checkpointing=cfg.activation_checkpointing))
+    model, _ = load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout, checkpoint=checkpoint)
+    for name in SHAPE:
+        own, value = getattr(model.config, name), getattr(cfg, name)
+        if name == "block_size":  # a shorter context than the model's is fine, for fine-tuning say
+            if "block_size" in given and value > own:
+                raise UserError(f"--block_size={value} is longer than the model's context of {own} tokens; "
+                                f"set --block_size={own} or less")
+            cfg.block_size = value if "block_size" in given else min(value, own)
+        elif name in given and value != own:
+            raise UserError(f"the model of --init_from={cfg.init_from} has --{name}={own} (given {value}); "
+                            f"leave out --{name}: a loaded model keeps its shape")
+        else:
+            setattr(cfg, name, own)
+    check_settings(cfg)
+    model.config.activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def start(argv):
+    """Read the settings, make or load the model, and run the mode asked for."""
+    settings, given = parse_settings(argv)
+    checkpoint = checkpoint_of(settings["init_from"], settings["out_dir"])
+    settings, changes = settings_for_run(settings, given, checkpoint)
+    cfg = SimpleNamespace(**settings)
+    system = setup_system(cfg)
+    torch.manual_seed(cfg.seed + system.rank)
+    model = make_model(cfg, given, checkpoint)
+    if system.master:
+        print("\n".join(changes), end="\n" if changes else "")
+    if cfg.export_hf:
+        return export(model, cfg)
+    model.to(system.device)
+    if cfg.benchmark:
+        return run_benchmark(model, cfg, system)
+    if cfg.eval_only:
+        return evaluate_only(model, checkpoint, cfg, system)
+    train(model, checkpoint if cfg.init_from == "resume" else None, vars(cfg), cfg, system)
+
+
+def main(argv=None):
+    run_main(start, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    # hellaswag.py imports train_gpt2: let it find this module, not a second copy with its own UserError.
-    sys.modules["train_gpt2"] = sys.modules[__name__]
     main()

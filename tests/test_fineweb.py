@@ -263,7 +263,7 @@ BAD_INPUTS = {  # case: (--input and other arguments, in a directory write_bad_i
     "no corpus files": (["no_text"], "holds no .txt, .jsonl, .json, .parquet files"),
     "bad prefix": (["empty.txt", "--prefix", "my_val"], "without 'train' or 'val'"),
     "bad shard size": (["empty.txt", "--shard_size", "0"], "positive integer"),
-    "bad number": (["empty.txt", "--shard_size", "1e8"], "invalid int value"),
+    "bad number": (["empty.txt", "--shard_size", "1e8"], "--shard_size takes a whole number, not '1e8'"),
 }
 
 

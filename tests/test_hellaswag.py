@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import hellaswag  # noqa: E402
 from conftest import ROOT, run_script  # noqa: E402
-from train_gpt2 import GPT, UserError, get_tokenizer  # noqa: E402
+from train_gpt2 import GPT, get_tokenizer  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 WORDS = ("the a man woman dog child team cook player kite ladder river garden kitchen ball bike rope paint "
@@ -80,7 +80,7 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def examples(data_file):
-    return hellaswag.load_examples(data_file)
+    return hellaswag.load_examples(get_tokenizer(), data_file)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,11 @@ def assert_same_losses(scores, expected):
 
 def run_main(capsys, *argv):
     """hellaswag.main(argv) in this process: (exit status, stdout lines, stderr)."""
-    status = hellaswag.main(list(argv))
+    try:
+        hellaswag.main(list(argv))
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
     out, err = capsys.readouterr()
     return status, out.splitlines(), err
 
@@ -231,12 +235,12 @@ def test_download_writes_the_cache_whole(monkeypatch, tmp_path, records):
     monkeypatch.setattr(hellaswag, "DATA_URL", (tmp_path.as_uri() + "/"))
     monkeypatch.setenv(hellaswag.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(hellaswag.SPLIT_SIZES, "val", NUM_EXAMPLES + 1)
-    with pytest.raises(UserError, match=rf"has {NUM_EXAMPLES} lines, not the {NUM_EXAMPLES + 1}"):
+    with pytest.raises(hellaswag.DataError, match=rf"has {NUM_EXAMPLES} lines, not the {NUM_EXAMPLES + 1}"):
         hellaswag.download("val")
     assert os.listdir(tmp_path / "cache") == []  # nothing half-written left behind
 
     monkeypatch.setitem(hellaswag.SPLIT_SIZES, "val", NUM_EXAMPLES)
-    examples = hellaswag.load_examples("")
+    examples = hellaswag.load_examples(get_tokenizer(), "")
     cached = tmp_path / "cache" / "hellaswag_val.jsonl"
     assert os.listdir(tmp_path / "cache") == ["hellaswag_val.jsonl"]
     assert cached.read_text() == open(served).read() and len(examples) == NUM_EXAMPLES
@@ -263,8 +267,8 @@ def test_offline_without_data_says_where_to_get_it(capsys, monkeypatch, tmp_path
 def test_a_bad_record_names_its_file_and_line(tmp_path, records, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(records[0]) + "\n\n" + line + "\n")
-    with pytest.raises(UserError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
-        hellaswag.load_examples(str(path))
+    with pytest.raises(hellaswag.DataError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
+        hellaswag.load_examples(get_tokenizer(), str(path))
 
 
 def test_bad_input_is_one_line_and_a_non_zero_exit(capsys, tmp_path, model_dir, data_file):

@@ -73,12 +73,14 @@ def test_tokenizer_is_gpt2():
 # --- settings ------------------------------------------------------------------------------------
 
 def test_settings_defaults_and_overrides():
-    s = parse_settings([])
+    s, given = parse_settings([])
+    assert given == set()
     assert (s["total_batch_size"], s["batch_size"], s["block_size"], s["max_lr"], s["min_lr"]) == (524288, 64, 1024, 6e-4, 6e-5)
     assert (s["warmup_steps"], s["max_steps"], s["weight_decay"], s["grad_clip"], s["seed"]) == (715, 19073, 0.1, 1.0, 1337)
-    s = parse_settings(["--max_lr=1e-3", "--n_layer=4", "--hellaswag=False", "--compile=True", "--out_dir=x"])
+    s, given = parse_settings(["--max_lr=1e-3", "--n_layer=4", "--hellaswag=False", "--compile=True", "--out_dir=x"])
+    assert given == {"max_lr", "n_layer", "hellaswag", "compile", "out_dir"}
     assert s["max_lr"] == 1e-3 and s["n_layer"] == 4 and s["hellaswag"] is False and s["compile"] is True
-    s = parse_settings(["--preset=shakespeare", "--max_steps=7"])
+    s, _ = parse_settings(["--preset=shakespeare", "--max_steps=7"])
     assert s["data_dir"] == "input.txt" and s["max_steps"] == 7  # the flag wins over the preset
 
 
@@ -91,7 +93,7 @@ def test_help_lists_every_setting():
 
 @pytest.mark.parametrize("flag, message", [
     ("--max_lrr=1", "unknown setting --max_lrr; did you mean --max_lr?"),
-    ("--n_layer=four", "--n_layer takes an int, not 'four'"),
+    ("--n_layer=four", "--n_layer takes a whole number, not 'four'"),
     ("--hellaswag=yes", "--hellaswag takes True or False, not 'yes'"),
     ("--preset=huge", "unknown preset 'huge'"),
     ("max_lr=1", "write settings as --name=value"),
@@ -227,7 +229,7 @@ def test_end_to_end_on_input_txt(input_txt, tmp_path):
     assert result.returncode == 0, result.stderr
     val = [v for _, kind, v in read_log(tmp_path / "log.txt") if kind == "val"]
     assert len(val) == 2 and val[1] < val[0] - 2.0  # from ~10.8 (uniform) to well below
-    assert "sample 0: 'ROMEO:" in result.stdout
+    assert "sample 0: ROMEO:" in result.stdout
     checkpoint = torch.load(tmp_path / "ckpt_0000030.pt", weights_only=True)
     assert checkpoint["step"] == 30 and checkpoint["config"]["n_layer"] == 2
     assert checkpoint["best_val_loss"] == pytest.approx(val[1], abs=1e-4)
@@ -238,7 +240,8 @@ def test_eval_only_and_benchmark(shard_dir, tmp_path):
     assert run_script("train_gpt2.py", *args).returncode == 0
     result = run_script("train_gpt2.py", *args, "--init_from=resume", "--eval_only=True")
     assert result.returncode == 0, result.stderr
-    assert [k for _, k, _ in read_log(tmp_path / "log.txt")].count("val") == 3  # step 0, step 2, eval_only
+    assert [k for _, k, _ in read_log(tmp_path / "log.txt")].count("val") == 2  # step 0, step 2: training's own
+    assert read_log(tmp_path / "evals.txt") == [(2, "val", pytest.approx(read_log(tmp_path / "log.txt")[-1][2], abs=1e-4))]
     result = run_script("train_gpt2.py", *TINY, "--benchmark=True", f"--out_dir={tmp_path / 'b'}")
     assert result.returncode == 0, result.stderr
     assert "tok/s" in result.stdout and "ms/step" in result.stdout and not os.path.exists(tmp_path / "b")
@@ -299,8 +302,13 @@ def test_bad_settings_and_data(shard_dir, tmp_path, capsys):
     assert "no checkpoint (ckpt_*.pt) in" in fails(f"--data_dir={shard_dir}", "--init_from=resume")
     save_random_hf_model(tmp_path / "hf", vocab_size=256)
     capsys.readouterr()
-    assert "--block_size=128 is longer than the model's context of 64 tokens" in \
-        fails(f"--data_dir={shard_dir}", f"--init_from={tmp_path / 'hf'}", "--block_size=128")
+    # A loaded model keeps its shape: a shape flag that differs from it is refused, naming both values.
+    assert "has --n_head=4 (given 2)" in fails(f"--data_dir={shard_dir}", f"--init_from={tmp_path / 'hf'}")
+    with pytest.raises(SystemExit):
+        train_gpt2.main([arg for arg in TINY if arg.split("=")[0] not in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
+                        + [f"--out_dir={tmp_path / 'out'}", f"--data_dir={shard_dir}", f"--init_from={tmp_path / 'hf'}",
+                           "--block_size=128"])
+    assert "--block_size=128 is longer than the model's context of 64 tokens" in capsys.readouterr().err
     assert "is neither a checkpoint file" in fails(f"--init_from={tmp_path / 'empty'}")
     assert not os.path.exists(tmp_path / "out")
 
@@ -351,7 +359,8 @@ def test_hellaswag_during_training_and_eval_only(input_txt, tmp_path):
     assert "over 8 examples" in result.stdout
     result = run_script("train_gpt2.py", *args, "--init_from=resume", "--eval_only=True")
     assert result.returncode == 0, result.stderr
-    assert [k for _, k, _ in read_log(tmp_path / "out" / "log.txt")].count("hella") == 3
+    assert [k for _, k, _ in read_log(tmp_path / "out" / "log.txt")].count("hella") == 2
+    assert [k for _, k, _ in read_log(tmp_path / "out" / "evals.txt")] == ["val", "hella"]
 
 
 def test_bad_hellaswag_data_is_one_line(input_txt, tmp_path):
