@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hellaswag import DataError as HellaSwagError, evaluate as hellaswag_evaluate, load_examples as hellaswag_examples
+from plot import PlotError, WandbRun, refresh_curves
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B.
@@ -72,6 +73,8 @@ hellaswag_data = ""              # a local hellaswag_val.jsonl; empty: download 
 num_samples = 4                  # samples printed at each evaluation (0 for none)
 sample_length = 32               # tokens per sample
 sample_prompt = "Hello, I'm a language model,"  # what the samples start from
+wandb_project = ""               # log the run to this Weights & Biases project (pip install wandb); empty: no W&B
+wandb_run_name = ""              # the W&B run's name; empty: W&B picks one
 # checkpoints
 checkpoint_interval = 1000       # save every this many steps, at the last step and on SIGTERM/SIGINT
 keep_checkpoints = 3             # how many of the newest checkpoints to keep in out_dir
@@ -132,7 +135,7 @@ def run_main(function, *args, interrupted=""):
     (and the hint `interrupted`, if any); the process group, if any, is torn down either way."""
     try:
         function(*args)
-    except (UserError, HellaSwagError) as e:
+    except (UserError, HellaSwagError, PlotError) as e:  # bad input, as each module reports it
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -144,16 +147,18 @@ def run_main(function, *args, interrupted=""):
             dist.destroy_process_group()
 
 
-def parse_command_line(argv, defaults, doc, source, presets=None, positional=None):
+def parse_command_line(argv, defaults, doc, source, presets=None, positional=None, aliases=None):
     """(settings, given): the defaults updated from argv, and the names argv gave.
 
     Every script reads its command line alike: --name=value or --name value, typed like the default;
     a bare --name sets a boolean; a list takes the values up to the next --name; --help prints the settings.
-    positional, if given, names the list setting that words without a -- go to. With presets, --preset
-    applies its bundle first and flags still win."""
+    positional, if given, names the list setting that words without a -- go to; aliases maps short flags
+    to settings ({"-o": "output"}). With presets, --preset applies its bundle first and flags still win."""
     given, args = {}, list(argv)
     while args:
         arg = args.pop(0)
+        if arg in (aliases or {}):
+            arg = "--" + aliases[arg]
         if arg in ("-h", "--help"):
             print(help_text(defaults, doc, source, presets))
             sys.exit(0)
@@ -794,10 +799,12 @@ def save_hf(model, directory):
 class RunLog:
     """The records of a run, each (step, kind, value): a line `{step} {kind} {value}` in a file (build-nanogpt's
     log.txt format, which plot.py reads), the same line with its details on the console, and everything to
-    W&B when a run is attached. Only rank 0 writes; the others keep quiet."""
+    W&B when a run is attached (as train/loss, val/loss, hella/acc_norm, and train/lr and so on for the
+    metrics). Only rank 0 writes; the others keep quiet. With curves, each evaluation redraws curves.png."""
+    VALUE_NAMES = {"train": "loss", "val": "loss", "hella": "acc_norm"}
 
-    def __init__(self, path, enabled, wandb_run=None):
-        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
+    def __init__(self, path, enabled, wandb_run=None, curves=False):
+        self.path, self.enabled, self.wandb_run, self.curves = path, enabled, wandb_run, curves
 
     def record(self, step, kind, value, details=(), metrics=None):
         """details: (text, ...) for the console only; metrics: {name: number} for W&B only."""
@@ -808,7 +815,15 @@ class RunLog:
         with open(self.path, "a") as f:  # append: a resumed run adds to the run's log
             f.write(line + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({kind: value, **(metrics or {})}, step=step)
+            metrics = {f"{kind}/{name}": number for name, number in (metrics or {}).items()}
+            self.wandb_run.log({f"{kind}/{self.VALUE_NAMES[kind]}": value, **metrics}, step=step)
+
+    def evaluated(self, step, samples):
+        """After an evaluation: the samples to W&B, and {out_dir}/curves.png redrawn (never an error)."""
+        if self.enabled and self.wandb_run is not None and samples:
+            self.wandb_run.log_samples(step, samples)
+        if self.enabled and self.curves:
+            refresh_curves(os.path.dirname(self.path))
 
 
 @torch.no_grad()
@@ -924,12 +939,10 @@ def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log):
                                                   rank=system.rank, world_size=system.world_size)
         model.train()
         log.record(step, "hella", acc_norm, [f"acc {acc:.4f} over {count} examples"], {"hella_acc": acc})
-    if cfg.num_samples > 0 and system.master:
-        texts = samples(model, cfg, system)
-        for i, text in enumerate(texts):
-            print(f"sample {i}: {text}")
-        if log.wandb_run is not None:
-            log.wandb_run.log_samples(step, texts)
+    texts = samples(model, cfg, system) if cfg.num_samples > 0 and system.master else []
+    for i, text in enumerate(texts):
+        print(f"sample {i}: {text}")
+    log.evaluated(step, texts)
     return val_loss
 
 # -----------------------------------------------------------------------------
@@ -1120,11 +1133,19 @@ def train(model, checkpoint, settings, cfg, system):
         say(f"resuming from step {run.step} of {cfg.out_dir}")
         del checkpoint  # free the host copy of the weights and optimizer state
     step_model, ddp_model = wrap_for_training(model, cfg, system)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master)
+    tokens_per_step = cfg.total_batch_size
+    wandb_run = None
+    if system.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        # What plot.py needs besides log.txt (tokens per step), and the run's settings for whoever reads it.
+        atomic_write(os.path.join(cfg.out_dir, "run.json"),
+                     lambda f: f.write(json.dumps({"tokens_per_step": tokens_per_step, "settings": settings}, indent=1).encode()))
+        if cfg.wandb_project:  # the same W&B run as before the checkpoint, if there was one
+            wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=settings, resume_id=run.wandb_id)
+            run.wandb_id = wandb_run.id
+    log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
     stop_requested = stop_signals()
 
-    tokens_per_step = cfg.total_batch_size
     flops_per_step, peak = model.flops_per_token() * tokens_per_step, peak_flops(system.device)
     say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
         f"{cfg.batch_size} x {cfg.block_size} tokens = {tokens_per_step:,} tokens per step | {system.device}, "
@@ -1149,7 +1170,7 @@ def train(model, checkpoint, settings, cfg, system):
         log.record(run.step, "train", loss, [f"step {run.step + 1} of {cfg.max_steps}", f"lr {lr:.4e}", f"norm {norm:.4f}",
                    f"{1000 * dt:.0f} ms", f"{tokens_per_step / dt:,.0f} tok/s", *mfu, f"{duration(left)} left"],
                    {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_step / dt,
-                    **({"mfu": flops_per_step / dt / peak} if peak else {})})
+                    **({"mfu": 100 * flops_per_step / dt / peak} if peak else {})})
         run.step += 1
         last = run.step == cfg.max_steps
         if run.step % cfg.eval_interval == 0 or last:
@@ -1159,9 +1180,12 @@ def train(model, checkpoint, settings, cfg, system):
         if stop:
             say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
                 f"--out_dir={cfg.out_dir}")
-            return
-    say(f"done: {run.step - first_step} steps, {(run.step - first_step) * tokens_per_step:,} tokens in "
-        f"{duration(time.time() - start)}; best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
+            break
+    else:  # the loop ran to max_steps
+        say(f"done: {run.step - first_step} steps, {(run.step - first_step) * tokens_per_step:,} tokens in "
+            f"{duration(time.time() - start)}; best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
+    if wandb_run is not None:
+        wandb_run.finish()
 
 
 # -----------------------------------------------------------------------------
