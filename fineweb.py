@@ -237,7 +237,7 @@ worker_tokenizer = None  # in a worker process, the tokenizer that start_worker 
 def start_worker(enc):
     global worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
-    worker_tokenizer = enc  # pickled where processes are spawned: 40 ms, where get_tokenizer takes 0.5 s
+    worker_tokenizer = enc  # pickled where processes are spawned: far cheaper than building it again
 
 
 def encode_in_worker(texts):
