@@ -1106,6 +1106,29 @@ def restore_training_state(run, checkpoint, system, say):
         say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states start afresh")
 
 
+def open_out_dir(run, settings, cfg):
+    """On rank 0: out_dir, with run.json in it (the settings, and the tokens per step that plot.py needs besides
+    log.txt), and the W&B run if one is asked for: the same as before the checkpoint, if there was one."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    run_json = {"tokens_per_step": cfg.total_batch_size, "settings": settings}
+    atomic_write(os.path.join(cfg.out_dir, "run.json"), lambda f: f.write(json.dumps(run_json, indent=1).encode()))
+    if not cfg.wandb_project:
+        return None
+    wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=settings, resume_id=run.wandb_id)
+    run.wandb_id = wandb_run.id
+    return wandb_run
+
+
+def record_step(log, step, loss, lr, norm, dt, seconds_left, cfg, flops_per_step, peak):
+    """The step's record: its loss in log.txt; with its progress, speed and MFU on the console and in W&B."""
+    tokens_per_second = cfg.total_batch_size / dt
+    mfu = 100 * flops_per_step / dt / peak if peak else None
+    log.record(step, "train", loss, [f"step {step + 1} of {cfg.max_steps}", f"lr {lr:.4e}", f"norm {norm:.4f}",
+               f"{1000 * dt:.0f} ms", f"{tokens_per_second:,.0f} tok/s", *([f"mfu {mfu:.1f}%"] if mfu else []),
+               f"{duration(seconds_left)} left"],
+               {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
+
+
 def duration(seconds):
     """4h05m, 12m30s or 42s."""
     seconds = int(seconds)
@@ -1133,19 +1156,11 @@ def train(model, checkpoint, settings, cfg, system):
         say(f"resuming from step {run.step} of {cfg.out_dir}")
         del checkpoint  # free the host copy of the weights and optimizer state
     step_model, ddp_model = wrap_for_training(model, cfg, system)
-    tokens_per_step = cfg.total_batch_size
-    wandb_run = None
-    if system.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        # What plot.py needs besides log.txt (tokens per step), and the run's settings for whoever reads it.
-        atomic_write(os.path.join(cfg.out_dir, "run.json"),
-                     lambda f: f.write(json.dumps({"tokens_per_step": tokens_per_step, "settings": settings}, indent=1).encode()))
-        if cfg.wandb_project:  # the same W&B run as before the checkpoint, if there was one
-            wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=settings, resume_id=run.wandb_id)
-            run.wandb_id = wandb_run.id
+    wandb_run = open_out_dir(run, settings, cfg) if system.master else None
     log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
     stop_requested = stop_signals()
 
+    tokens_per_step = cfg.total_batch_size
     flops_per_step, peak = model.flops_per_token() * tokens_per_step, peak_flops(system.device)
     say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
         f"{cfg.batch_size} x {cfg.block_size} tokens = {tokens_per_step:,} tokens per step | {system.device}, "
@@ -1164,13 +1179,8 @@ def train(model, checkpoint, settings, cfg, system):
         failures = apply_update(optimizers, run.scaler, loss, norm, failures, say)
         if system.device_type == "cuda":
             torch.cuda.synchronize()  # so that the time below includes the optimizer step
-        dt, done = time.time() - t0, run.step + 1 - first_step
-        left = (time.time() - start) / done * (cfg.max_steps - run.step - 1)
-        mfu = [f"mfu {100 * flops_per_step / dt / peak:.1f}%"] if peak else []
-        log.record(run.step, "train", loss, [f"step {run.step + 1} of {cfg.max_steps}", f"lr {lr:.4e}", f"norm {norm:.4f}",
-                   f"{1000 * dt:.0f} ms", f"{tokens_per_step / dt:,.0f} tok/s", *mfu, f"{duration(left)} left"],
-                   {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_step / dt,
-                    **({"mfu": 100 * flops_per_step / dt / peak} if peak else {})})
+        seconds_left = (time.time() - start) / (run.step + 1 - first_step) * (cfg.max_steps - run.step - 1)
+        record_step(log, run.step, loss, lr, norm, time.time() - t0, seconds_left, cfg, flops_per_step, peak)
         run.step += 1
         last = run.step == cfg.max_steps
         if run.step % cfg.eval_interval == 0 or last:
