@@ -938,7 +938,7 @@ def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log):
         acc, acc_norm, count = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype,
                                                   rank=system.rank, world_size=system.world_size)
         model.train()
-        log.record(step, "hella", acc_norm, [f"acc {acc:.4f} over {count} examples"], {"hella_acc": acc})
+        log.record(step, "hella", acc_norm, [f"acc {acc:.4f} over {count} examples"], {"acc": acc})
     texts = samples(model, cfg, system) if cfg.num_samples > 0 and system.master else []
     for i, text in enumerate(texts):
         print(f"sample {i}: {text}")
