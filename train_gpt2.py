@@ -313,13 +313,20 @@ def setup_system(cfg):
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even with one process: DDP and NCCL
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = device_type_of(device)
     dtype = pick_dtype(cfg.dtype, device_type)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
                            device_type=device_type, dtype=dtype, autocast=autocast_context(device_type, dtype))
+
+
+def quiet_transformers():
+    """transformers' progress bars and notes would bury our own messages."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 # Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
@@ -765,13 +772,6 @@ def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
     return model, checkpoint
 
 
-def quiet_transformers():
-    """transformers' progress bars and notes would bury our own messages."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def save_hf(model, directory):
     """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
     model.safetensors (Conv1D layout, vocabulary unpadded, head tied to the embedding), tokenizer files."""
@@ -986,21 +986,21 @@ def grad_accum_steps_for(cfg, world_size):
     return cfg.total_batch_size // micro_batch
 
 
+def compiles(cfg, system):
+    return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
+
+
 def wrap_for_training(model, cfg, system):
     """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the
     compiler then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass.
     Evaluation, sampling and checkpoints use the plain model."""
     ddp_model = None
-    if system.world_size > 1:
+    if dist.is_initialized():
         model = ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[system.local_rank] if system.device_type == "cuda" else None, gradient_as_bucket_view=True)
     if compiles(cfg, system):
         model = torch.compile(model)
     return model, ddp_model
-
-
-def compiles(cfg, system):
-    return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
 
 
 def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, autocast, device, grad_clip):
@@ -1106,6 +1106,14 @@ def restore_training_state(run, checkpoint, system, say):
         say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states start afresh")
 
 
+def duration(seconds):
+    """4h05m, 12m30s or 42s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def open_out_dir(run, settings, cfg):
     """On rank 0: out_dir, with run.json in it (the settings, and the tokens per step that plot.py needs besides
     log.txt), and the W&B run if one is asked for: the same as before the checkpoint, if there was one."""
@@ -1127,14 +1135,6 @@ def record_step(log, step, loss, lr, norm, dt, seconds_left, cfg, flops_per_step
                f"{1000 * dt:.0f} ms", f"{tokens_per_second:,.0f} tok/s", *([f"mfu {mfu:.1f}%"] if mfu else []),
                f"{duration(seconds_left)} left"],
                {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
-
-
-def duration(seconds):
-    """4h05m, 12m30s or 42s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def train(model, checkpoint, settings, cfg, system):
