@@ -1003,6 +1003,14 @@ def wrap_for_training(model, cfg, system):
     return model, ddp_model
 
 
+def training_parts(model, cfg, system):
+    """What a training step needs: (optimizers, loss scaler (active for float16 only), the module to step
+    through, its DDP wrapper or None, micro-steps per optimizer step)."""
+    optimizers = configure_optimizers(model, cfg, system.device_type)
+    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
+    return (optimizers, scaler, *wrap_for_training(model, cfg, system), grad_accum_steps_for(cfg, system.world_size))
+
+
 def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, autocast, device, grad_clip):
     """Forward and backward over grad_accum_steps micro-batches, then clip. Returns the mean loss (averaged
     over ranks) and the gradient norm as device tensors; apply_update decides whether to step."""
@@ -1141,21 +1149,18 @@ def train(model, checkpoint, settings, cfg, system):
     """The training loop: cfg.max_steps optimizer steps of cfg.total_batch_size tokens each, from step 0 or
     from where the checkpoint stopped, evaluating every eval_interval steps and saving every checkpoint_interval."""
     say = print if system.master else (lambda *args, **kwargs: None)
-    grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)
     vocab = model.config.vocab_size
     train_sources, val_sources = find_data(cfg.data_dir, vocab)
     train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
     val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
     hellaswag_examples = load_hellaswag(cfg)
-    optimizers = configure_optimizers(model, cfg, system.device_type)
-    run = SimpleNamespace(model=model, optimizers=optimizers, train_loader=train_loader, step=0, wandb_id=None,
-                          scaler=torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16),
-                          best_val_loss=float("inf"))
+    optimizers, scaler, step_model, ddp_model, grad_accum_steps = training_parts(model, cfg, system)
+    run = SimpleNamespace(model=model, optimizers=optimizers, scaler=scaler, train_loader=train_loader, step=0,
+                          best_val_loss=float("inf"), wandb_id=None)
     if checkpoint is not None:
         restore_training_state(run, checkpoint, system, say)
         say(f"resuming from step {run.step} of {cfg.out_dir}")
         del checkpoint  # free the host copy of the weights and optimizer state
-    step_model, ddp_model = wrap_for_training(model, cfg, system)
     wandb_run = open_out_dir(run, settings, cfg) if system.master else None
     log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
     stop_requested = stop_signals()
@@ -1172,11 +1177,11 @@ def train(model, checkpoint, settings, cfg, system):
         t0 = time.time()
         lr = get_lr(run.step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
         set_lr(optimizers, lr)
-        loss, norm = train_step(step_model, ddp_model, optimizers, run.scaler, train_loader, grad_accum_steps,
+        loss, norm = train_step(step_model, ddp_model, optimizers, scaler, train_loader, grad_accum_steps,
                                 system.autocast, system.device, cfg.grad_clip)
         stop = any_process_stopped(stop_requested, system.device)
         loss, norm, stop = loss.item(), norm.item(), stop.item()  # the one wait for the device in a step
-        failures = apply_update(optimizers, run.scaler, loss, norm, failures, say)
+        failures = apply_update(optimizers, scaler, loss, norm, failures, say)
         if system.device_type == "cuda":
             torch.cuda.synchronize()  # so that the time below includes the optimizer step
         seconds_left = (time.time() - start) / (run.step + 1 - first_step) * (cfg.max_steps - run.step - 1)
@@ -1224,10 +1229,7 @@ def run_benchmark(model, cfg, system):
     """Time the real training step on random tokens, after compilation and warm-up; with cfg.profile, then
     profile three more steps."""
     say = print if system.master else (lambda *args, **kwargs: None)
-    grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)
-    optimizers = configure_optimizers(model, cfg, system.device_type)
-    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
-    step_model, ddp_model = wrap_for_training(model, cfg, system)
+    optimizers, scaler, step_model, ddp_model, grad_accum_steps = training_parts(model, cfg, system)
     vocab = model.config.vocab_size
     random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, cfg.batch_size * cfg.block_size + 1, dtype=np.uint16)
     loader = DataLoader([random_tokens], cfg.batch_size, cfg.block_size, 0, 1, vocab)  # one chunk, read again and again
@@ -1256,19 +1258,23 @@ def run_benchmark(model, cfg, system):
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if system.device_type == "cuda" else "n/a (CPU)"
     say(f"benchmark: {model.num_params():,} parameters, {tokens_per_step:,} tokens per step, loss {loss.item():.4f}")
     say(f"benchmark: {1000 * dt:.1f} ms/step | {tokens_per_step / dt:,.0f} tok/s | mfu {mfu} | peak memory {memory}")
-    if cfg.profile and system.master:
-        profile_steps(step, cfg.profile, system.device_type, synchronize)
+    if cfg.profile:
+        profile_steps(step, cfg.profile, system, synchronize)
 
 
-def profile_steps(step, directory, device_type, synchronize, steps=3):
-    """Run `steps` training steps under torch.profiler, write the trace (chrome://tracing or Perfetto) into
-    directory, and print the ten costliest kernels on a GPU (operators on a CPU), by their own time."""
+def profile_steps(step, directory, system, synchronize, steps=3):
+    """Run `steps` training steps under torch.profiler (every process: the steps hold collectives), and on
+    rank 0 write the trace (chrome://tracing or Perfetto) into directory and print the ten costliest kernels
+    on a GPU (operators on a CPU), by their own time."""
     from torch.profiler import ProfilerActivity, profile
+    device_type = system.device_type
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
         synchronize()
+    if not system.master:
+        return
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "trace.json")
     profiler.export_chrome_trace(path)
