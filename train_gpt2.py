@@ -65,6 +65,10 @@ beta1 = 0.9                      # AdamW first-moment decay
 beta2 = 0.95                     # AdamW second-moment decay
 adam_eps = 1e-8                  # AdamW epsilon
 grad_clip = 1.0                  # clip the global gradient norm to this (0 to disable)
+optimizer = "adamw"              # adamw, or muon: Muon on the blocks' weight matrices, AdamW (the settings above) on the rest
+muon_lr = 2e-3                   # Muon's peak learning rate, in AdamW's units (each matrix's update has an AdamW-sized RMS)
+muon_momentum = 0.95             # Muon's Nesterov momentum
+muon_weight_decay = 0.1          # Muon's decoupled weight decay
 # evaluation and logging
 eval_interval = 250              # evaluate every this many steps, and at the last step
 eval_iters = 20                  # validation micro-batches in all, split across processes; the same ones every time
@@ -960,21 +964,33 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 
 
 def configure_optimizers(model, cfg, device_type):
-    """The optimizers of a run, as a list. AdamW decays the matrices and embeddings; biases and LayerNorm
-    gains stay free. On CUDA the fused kernel updates every parameter in one launch."""
+    """The optimizers of a run, stepped together: [AdamW], or with --optimizer=muon [Muon, AdamW], Muon taking
+    the weight matrices inside the blocks and AdamW the embeddings (and the tied head), biases and LayerNorm
+    gains. AdamW decays its matrices and embeddings; biases and gains stay free. On CUDA the fused AdamW
+    kernel updates every parameter in one launch."""
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizers = []
+    if cfg.optimizer == "muon":
+        matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+        # match_rms_adamw scales each matrix's orthogonalized update to the RMS of an AdamW update, so that
+        # Muon's learning rate and weight decay read like AdamW's.
+        optimizers.append(torch.optim.Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                           weight_decay=cfg.muon_weight_decay, adjust_lr_fn="match_rms_adamw"))
+        params = [p for p in params if not any(p is m for m in matrices)]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return [torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                              fused=device_type == "cuda")]
+    return optimizers + [torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                           fused=device_type == "cuda")]
 
 
-def set_lr(optimizers, lr):
+def set_lr(optimizers, lr, cfg):
+    """One schedule drives every optimizer: AdamW at lr, Muon at lr scaled to its own peak, muon_lr."""
     for optimizer in optimizers:
+        scale = cfg.muon_lr / cfg.max_lr if isinstance(optimizer, torch.optim.Muon) else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * scale
 
 
 def grad_accum_steps_for(cfg, world_size):
@@ -1176,7 +1192,7 @@ def train(model, checkpoint, settings, cfg, system):
     while run.step < cfg.max_steps:
         t0 = time.time()
         lr = get_lr(run.step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
-        set_lr(optimizers, lr)
+        set_lr(optimizers, lr, cfg)
         loss, norm = train_step(step_model, ddp_model, optimizers, scaler, train_loader, grad_accum_steps,
                                 system.autocast, system.device, cfg.grad_clip)
         stop = any_process_stopped(stop_requested, system.device)
@@ -1292,6 +1308,9 @@ def settings_for_run(settings, given, checkpoint):
     if settings["init_from"] != "resume" or "settings" not in checkpoint:
         return settings, []
     saved = {name: value for name, value in checkpoint["settings"].items() if name in SETTINGS and name not in MODES}
+    if "optimizer" in given and settings["optimizer"] != saved.get("optimizer", "adamw"):
+        raise UserError(f"the run used --optimizer={saved.get('optimizer', 'adamw')} (given {settings['optimizer']}); "
+                        f"its checkpoint holds that optimizer's state: leave out --optimizer to resume")
     changes = [f"changed: --{name} {saved[name]} -> {settings[name]}" for name in sorted(given)
                if name in saved and saved[name] != settings[name] and name not in SHAPE]
     return {**settings, **saved, **{name: settings[name] for name in given}}, changes
@@ -1313,8 +1332,14 @@ def check_settings(cfg):
                         f"n_embd / n_head channels; try --n_head={nearest}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout={cfg.dropout}: it takes a probability, at least 0 and below 1")
-    if not 0 < cfg.max_lr:
-        raise UserError(f"--max_lr={cfg.max_lr}: the learning rate must be above 0")
+    for name in ("max_lr", "muon_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name}={getattr(cfg, name)}: a learning rate must be above 0")
+    for name in ("muon_momentum", "muon_weight_decay", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name}={getattr(cfg, name)}: it takes 0 or more")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"--optimizer takes adamw or muon, not '{cfg.optimizer}'")
 
 
 def make_model(cfg, given, checkpoint):
