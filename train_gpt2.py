@@ -1116,6 +1116,9 @@ def save_training_state(run, settings, cfg, system, say):
 
 def restore_training_state(run, checkpoint, system, say):
     """Optimizers, loss scaler, data position, step and random states from a checkpoint of this run."""
+    if "optimizers" not in checkpoint:
+        raise UserError("the newest checkpoint holds a model but no training state to resume; start a new run "
+                        "from its weights with --init_from=PATH_OF_THE_CHECKPOINT")
     for optimizer, state in zip(run.optimizers, checkpoint["optimizers"], strict=True):
         optimizer.load_state_dict(state)
     run.scaler.load_state_dict(checkpoint["scaler"])
@@ -1376,8 +1379,8 @@ def start(argv):
     system = setup_system(cfg)
     torch.manual_seed(cfg.seed + system.rank)
     model = make_model(cfg, given, checkpoint)
-    if system.master:
-        print("\n".join(changes), end="\n" if changes else "")
+    for change in changes if system.master else []:
+        print(change)
     if cfg.export_hf:
         return export(model, cfg)
     model.to(system.device)
