@@ -1,7 +1,7 @@
 """
 The GPU path, measured by one command: the CUDA tests, then the speed figures, as one markdown table.
 
-    python bench/gpu.py                  # on one CUDA GPU: about 10 minutes on an H100
+    python bench/gpu.py                  # on one CUDA GPU: estimated at about 10 minutes on an H100
     python bench/gpu.py --profile        # also a torch.profiler trace of three training steps of GPT-2 124M
     python bench/gpu.py --only profile   # the profile alone (any of the parts below; also --only=gpt2,profile)
     python bench/gpu.py --cpu            # a small version of the same on the CPU, in well under a minute
@@ -54,7 +54,7 @@ cpu = False                      # run the small CPU version, even where CUDA is
 profile = False                  # add the profile part: a torch.profiler trace of three training steps of GPT-2 124M
 only = []                        # run only these parts (--only gpt2 profile, or --only=gpt2,profile); empty: all
 out = ""                         # where table.md, raw.txt and the rest go; empty: $OUT if set, else bench/out
-time_limit = 560.0               # seconds for all the parts (the device tool stops a command at 600); the rest are listed as not run
+time_limit = 560.0               # seconds for all the parts, to fit a ten-minute budget; the parts left are listed as not run
 
 SETTINGS = settings_of(globals())
 
@@ -419,7 +419,7 @@ def profiler_table(text):
 
 def run_profile(bench):
     """train_gpt2.py --benchmark --profile: the benchmark, then a few more steps under torch.profiler. One
-    micro-step a step keeps the trace small (the device tool returns files of at most 16 MiB)."""
+    micro-step a step keeps the trace small (a few MiB, easy to copy off the machine)."""
     plan = bench.plan
     on_cuda = plan.device == "cuda"
     B, T = plan.profile_batch_size, plan.block_size
