@@ -66,7 +66,7 @@ beta2 = 0.95                     # AdamW second-moment decay
 adam_eps = 1e-8                  # AdamW epsilon
 grad_clip = 1.0                  # clip the global gradient norm to this (0 to disable)
 optimizer = "adamw"              # adamw, or muon: Muon on the blocks' weight matrices, AdamW (the settings above) on the rest
-muon_lr = 2e-3                   # Muon's peak learning rate, in AdamW's units (each matrix's update has an AdamW-sized RMS)
+muon_lr = 4e-3                   # Muon's peak learning rate, in AdamW's units (each matrix's update has an AdamW-sized RMS)
 muon_momentum = 0.95             # Muon's Nesterov momentum
 muon_weight_decay = 0.1          # Muon's decoupled weight decay
 # evaluation and logging
