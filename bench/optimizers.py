@@ -2,7 +2,7 @@
 Time to quality: AdamW against Muon on the same model, data and tokens.
 
     python bench/optimizers.py                                   # 2 sizes x 2 seeds x 2 optimizers
-    python bench/optimizers.py --sizes=4x256 --seeds=1337 --steps=100 --jobs=1
+    python bench/optimizers.py --sizes 4x256 --seeds 1337 --steps 100 --jobs 1
     python bench/optimizers.py --optimizers=muon --muon_lr=4e-3  # one side only, e.g. to sweep its lr
 
 Each run is `python train_gpt2.py` in a subprocess with its own --out_dir, on tiny Shakespeare (the first
@@ -17,7 +17,6 @@ the model, but the blocks' matrices (which Muon trains) hold a fair share of it:
 the curves show early training, a few CPU minutes per run.
 """
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -25,14 +24,32 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script, this file's own folder bench/ is on the path, not the repository root
+    sys.path.insert(0, ROOT)
 
-# Each optimizer's peak learning rate: the best of a sweep at 4x256, seed 1337 (see the README). Small
-# models take larger rates than GPT-2 124M's 6e-4; Muon's rate is in AdamW's units (match_rms_adamw) and
-# is train_gpt2.py's default.
-ADAMW_LR = 1e-3
-MUON_LR = 4e-3
+from train_gpt2 import SETTINGS as TRAIN_SETTINGS, UserError, parse_command_line, run_main, settings_of  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Settings (python bench/optimizers.py --help). Lists take several values or one with commas: --seeds 1 2, --seeds=1,2
+
+sizes = ["4x256", "6x384"]       # the models, as layers x width (one head per 64 of width)
+seeds = ["1337", "1338"]         # one run per optimizer for each size and seed
+steps = 200                      # optimizer steps of 256 tokens per run
+eval_interval = 25               # steps between evaluations: how fine the curves are
+optimizers = ["adamw", "muon"]   # which optimizers to run
+adamw_lr = 1e-3                  # AdamW's peak learning rate (in a Muon run, that of its AdamW part): the best of a sweep at 4x256
+muon_lr = TRAIN_SETTINGS["muon_lr"]  # Muon's peak learning rate: train_gpt2.py's default, the best of a sweep at 4x256
+data = "input.txt"               # a .txt file, or a directory of token shards
+threads = 1                      # threads per run (OMP_NUM_THREADS)
+jobs = 2                         # runs at a time
+device = ""                      # passed to train_gpt2.py; empty: the best available
+out_dir = ""                     # keep the runs here, and reuse those finished with the same settings; empty: a temporary directory
+
+SETTINGS = settings_of(globals())
+
 # What both optimizers share; everything else (betas, weight decay, clipping) is train_gpt2.py's default.
 TOKENS_PER_STEP = 256
 RUN_SETTINGS = ["--batch_size=4", "--block_size=64", f"--total_batch_size={TOKENS_PER_STEP}", "--eval_iters=16",
@@ -41,42 +58,21 @@ WARMUP_FRACTION = 0.1   # of the steps, linear warmup
 MIN_LR_FRACTION = 0.1   # the cosine ends at this fraction of each optimizer's peak
 
 
-class ArgumentParser(argparse.ArgumentParser):
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    option = parser.add_argument
-    option("--sizes", default="4x256,6x384", help="models as layers x width, comma-separated (default: %(default)s)")
-    option("--seeds", default="1337,1338", help="seeds, comma-separated (default: %(default)s)")
-    option("--steps", type=int, default=200, help=f"optimizer steps of {TOKENS_PER_STEP} tokens per run (default: %(default)s)")
-    option("--eval_interval", type=int, default=25, help="steps between evaluations (default: %(default)s)")
-    option("--optimizers", default="adamw,muon", help="which optimizers to run (default: %(default)s)")
-    option("--adamw_lr", type=float, default=ADAMW_LR, help="AdamW's peak learning rate (default: %(default)s)")
-    option("--muon_lr", type=float, default=MUON_LR, help="Muon's peak learning rate (default: %(default)s)")
-    option("--data", default="input.txt", help="a .txt file, or a directory of token shards (default: %(default)s)")
-    option("--threads", type=int, default=1, help="threads per run (OMP_NUM_THREADS) (default: %(default)s)")
-    option("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
-    option("--device", default="", help="passed to train_gpt2.py; empty: the best available")
-    option("--out_dir", default="", help="keep the runs here, and reuse those finished with the same settings; "
-                                         "empty: a temporary directory, deleted at the end")
-    args = parser.parse_args(argv)
+    args = SimpleNamespace(**parse_command_line(argv, SETTINGS, __doc__, __file__)[0])
+    for name in ("sizes", "seeds", "optimizers"):  # --seeds=1337,1338 as well as --seeds 1337 1338
+        setattr(args, name, [part for value in getattr(args, name) for part in value.split(",") if part])
     try:
-        args.sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
-        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+        args.sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes]
+        args.seeds = [int(seed) for seed in args.seeds]
     except ValueError:
-        parser.error("--sizes takes layers x width like 4x256,6x384 and --seeds integers like 1337,1338")
+        raise UserError("--sizes takes layers x width like 4x256 6x384, and --seeds whole numbers like 1337 1338") from None
     if any(len(size) != 2 or size[1] % 64 for size in args.sizes):
-        parser.error("each size is layers x width, with the width a multiple of 64 (one head per 64)")
-    args.optimizers = args.optimizers.split(",")
-    if not set(args.optimizers) <= {"adamw", "muon"}:
-        parser.error(f"--optimizers takes adamw and/or muon, not {','.join(args.optimizers)}")
+        raise UserError("each size is layers x width, with the width a multiple of 64 (one head per 64)")
+    if not set(args.optimizers) <= {"adamw", "muon"} or not args.optimizers:
+        raise UserError(f"--optimizers takes adamw and/or muon, not {','.join(args.optimizers)}")
     if min(args.steps, args.eval_interval, args.threads, args.jobs) < 1 or min(args.adamw_lr, args.muon_lr) <= 0:
-        parser.error("--steps, --eval_interval, --threads, --jobs and the learning rates must be positive")
+        raise UserError("--steps, --eval_interval, --threads, --jobs and the learning rates must be positive")
     return args
 
 
@@ -111,7 +107,7 @@ def train(command, out_dir, threads):
         if result.returncode != 0:
             with open(os.path.join(out_dir, "output.txt")) as f:
                 last = f.read().strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"{' '.join(command[1:])} exited with {result.returncode}: {last[0]}")
+            raise UserError(f"{' '.join(command[1:])} exited with {result.returncode}: {last[0]}")
         with open(finished, "w") as f:
             f.write(settings)
     curve = {}
@@ -135,8 +131,8 @@ def steps_to_reach(curve, target):
     return None
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv):
+    args = parse_args(argv)
     base = args.out_dir or tempfile.mkdtemp(prefix="bench_optimizers_")
     runs = [(size, seed, optimizer) for size in args.sizes for seed in args.seeds for optimizer in args.optimizers]
     print(f"{len(runs)} runs of {args.steps} steps x {TOKENS_PER_STEP} tokens, {args.jobs} at a time, {args.threads} thread(s) each, "
@@ -153,9 +149,6 @@ def main(argv=None):
     try:
         with ThreadPoolExecutor(args.jobs) as pool:
             curves = dict(zip(runs, pool.map(one, runs)))
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     finally:
         if not args.out_dir:
             shutil.rmtree(base, ignore_errors=True)
@@ -183,6 +176,10 @@ def main(argv=None):
             at = f"{reached:.1f}" if reached is not None else "never"
             share = f"{fraction:.0%}" if fraction is not None else "> 100%"
             print(f"| {size[0]}x{size[1]} | {seed} | {target:.4f} | {muon_final:.4f} | {at} | {share} |")
+
+
+def main(argv=None):
+    run_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,11 @@ def test_benchmark_reads_the_step_fraction_off_the_curve():
     assert bench.steps_to_reach(curve, 5.0) == 50
     assert bench.steps_to_reach(curve, 4.5) == pytest.approx(62.5)  # half way between the evaluations at 50 and 75
     assert bench.steps_to_reach(curve, 3.9) is None
+
+
+def test_benchmark_runs_both_optimizers_and_prints_the_fraction(input_txt):
+    result = run_script("bench/optimizers.py", "--sizes", "2x64", "--seeds=1", "--steps", "2", "--eval_interval=1")
+    assert result.returncode == 0, result.stderr
+    assert "| step | adamw | muon |" in result.stdout and "| 2x64 | 1 |" in result.stdout
+    bad = run_script("bench/optimizers.py", "--optimizers", "sgd")
+    assert (bad.returncode, bad.stderr) == (2, "error: --optimizers takes adamw and/or muon, not sgd\n")
