@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hellaswag import DataError as HellaSwagError, evaluate as hellaswag_evaluate, load_examples as hellaswag_examples
+from hellaswag import DataError as HellaSwagError, evaluate as hellaswag_evaluate
+from hellaswag import load_examples as load_hellaswag_examples
 from plot import PlotError, WandbRun, refresh_curves
 
 # -----------------------------------------------------------------------------
@@ -926,7 +927,7 @@ def load_hellaswag(cfg):
         return None
     with first_on_each_node():
         try:
-            return hellaswag_examples(get_tokenizer(), cfg.hellaswag_data)
+            return load_hellaswag_examples(get_tokenizer(), cfg.hellaswag_data)
         except HellaSwagError as e:
             raise UserError(f"{e}; or turn HellaSwag off with --hellaswag=False") from None
 
