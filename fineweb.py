@@ -470,7 +470,7 @@ def run(argv):
         check_local_file(path, builder, args.text_field)
     config = run_config(args, files, enc)
     if args.benchmark:
-        return benchmark(args, files, enc, config)
+        return benchmark_speed(args, files, enc, config)
     manifest = prepare_out_dir(args.out_dir, config, args.overwrite)
     if manifest["complete"]:
         print(f"{args.out_dir} already holds the {len(manifest['shards'])} shards of this corpus; nothing to do")
@@ -486,7 +486,7 @@ def run(argv):
         print(f"{invalid:,} invalid UTF-8 sequences in the .txt files were replaced with U+FFFD")
 
 
-def benchmark(args, files, enc, config):
+def benchmark_speed(args, files, enc, config):
     """End-to-end tokens/s (reading, tokenizing, writing shards), then one core of tiktoken on the same documents."""
     parts = load_parts(args, files)
     with tempfile.TemporaryDirectory() as out_dir:
