@@ -152,10 +152,10 @@ def draw(run_dirs, output, x="step"):
         if x == "tokens":
             ax.xaxis.set_major_formatter(FuncFormatter(lambda tokens, _: short_count(tokens)))
 
-    # Written to a temporary name and renamed: a viewer open on the file never sees half a picture.
-    temporary = output + ".tmp"
-    fig.savefig(temporary, format="png")
-    os.replace(temporary, output)
+    # Written to a temporary name and renamed, so that a viewer open on the file never sees half a picture:
+    # the repository's one atomic write (imported here: train_gpt2 imports this module).
+    from train_gpt2 import atomic_write
+    atomic_write(output, lambda f: fig.savefig(f, format="png"))
     return fig
 
 
