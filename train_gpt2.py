@@ -305,11 +305,6 @@ def pick_dtype(name, device_type):
     return getattr(torch, name)
 
 
-def autocast_context(device_type, dtype):
-    """Mixed precision in dtype on this kind of device; float32 means none."""
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def setup_system(cfg):
     """Processes, device and precision from torchrun's environment and the settings, as a namespace:
     rank, local_rank, world_size, master, device, device_type, dtype, autocast."""
@@ -323,8 +318,9 @@ def setup_system(cfg):
     device_type = device_type_of(device)
     dtype = pick_dtype(cfg.dtype, device_type)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)  # float32: no mixed precision
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
-                           device_type=device_type, dtype=dtype, autocast=autocast_context(device_type, dtype))
+                           device_type=device_type, dtype=dtype, autocast=autocast)
 
 
 def quiet_transformers():
@@ -1224,12 +1220,7 @@ def train(model, checkpoint, settings, cfg, system):
 
 
 # -----------------------------------------------------------------------------
-# The other modes: export, evaluation only, benchmark (and profile)
-
-
-def export(model, cfg):
-    save_hf(model, cfg.export_hf)
-    print(f"wrote {cfg.export_hf}")
+# The other modes: evaluation only, benchmark (and profile); export is save_hf
 
 
 def evaluate_only(model, checkpoint, cfg, system):
@@ -1383,7 +1374,9 @@ def start(argv):
     for change in changes if system.master else []:
         print(change)
     if cfg.export_hf:
-        return export(model, cfg)
+        save_hf(model, cfg.export_hf)
+        print(f"wrote {cfg.export_hf}")
+        return
     model.to(system.device)
     if cfg.benchmark:
         return run_benchmark(model, cfg, system)
