@@ -2,8 +2,6 @@
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -90,25 +88,6 @@ def test_muon_resume_is_bit_for_bit_and_needs_muon(shard_dir, tmp_path):
     assert refused.returncode == 2
     assert refused.stderr == ("error: the run used --optimizer=muon (given adamw); its checkpoint holds that "
                               "optimizer's state: leave out --optimizer to resume\n")
-
-
-def test_muon_two_processes_equal_one_with_accumulation(shard_dir, tmp_path):
-    # Newton-Schulz runs in bfloat16, where the all-reduce's last-bit differences in a gradient can round a
-    # value the other way: the runs agree to the last logged digit at this learning rate, not always at 2e-2.
-    args = TINY + ["--optimizer=muon", "--muon_lr=2e-3", f"--data_dir={shard_dir}", "--max_steps=4", "--eval_interval=2", "--checkpoint_interval=100"]
-    one = run_script("train_gpt2.py", *args, f"--out_dir={tmp_path / 'one'}")
-    assert one.returncode == 0, one.stderr
-    assert "1 processes x 4 micro-steps" in one.stdout
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_gpt2.py", *args, f"--out_dir={tmp_path / 'two'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert two.returncode == 0, two.stderr
-    assert "2 processes x 2 micro-steps" in two.stdout
-    log_one, log_two = read_log(tmp_path / "one" / "log.txt"), read_log(tmp_path / "two" / "log.txt")
-    assert [r[:2] for r in log_one] == [r[:2] for r in log_two] and len(log_one) == 7
-    for (_, _, a), (_, _, b) in zip(log_one, log_two):
-        assert a == pytest.approx(b, abs=1e-4)  # a unit in the last place of a logged validation loss
 
 
 @pytest.mark.parametrize("flag, message", [

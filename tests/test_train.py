@@ -155,8 +155,14 @@ def test_lr_schedule():
 
 # --- training runs -------------------------------------------------------------------------------
 
-def test_two_processes_equal_one_with_accumulation(shard_dir, tmp_path):
-    args = TINY + [f"--data_dir={shard_dir}", "--max_steps=4", "--eval_interval=2", "--checkpoint_interval=100"]
+@pytest.mark.parametrize("optimizer, tolerance", [
+    ([], 2e-6),
+    # Muon's Newton-Schulz runs in bfloat16, where the all-reduce's last-bit differences in a gradient can round
+    # a value the other way: the runs agree to a unit in the last place of a logged validation loss.
+    (["--optimizer=muon", "--muon_lr=2e-3"], 1e-4),
+], ids=["adamw", "muon"])
+def test_two_processes_equal_one_with_accumulation(shard_dir, tmp_path, optimizer, tolerance):
+    args = TINY + optimizer + [f"--data_dir={shard_dir}", "--max_steps=4", "--eval_interval=2", "--checkpoint_interval=100"]
     one = run_script("train_gpt2.py", *args, f"--out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     assert "1 processes x 4 micro-steps" in one.stdout
@@ -169,7 +175,7 @@ def test_two_processes_equal_one_with_accumulation(shard_dir, tmp_path):
     log_one, log_two = read_log(tmp_path / "one" / "log.txt"), read_log(tmp_path / "two" / "log.txt")
     assert [r[:2] for r in log_one] == [r[:2] for r in log_two] and len(log_one) == 7
     for (_, _, a), (_, _, b) in zip(log_one, log_two):
-        assert a == pytest.approx(b, abs=2e-6)
+        assert a == pytest.approx(b, abs=tolerance)
 
 
 def test_resume_after_kill_is_bit_for_bit(shard_dir, tmp_path):
