@@ -138,6 +138,11 @@ def load_examples(tokenizer, path="", split="val"):
 # Scoring
 
 
+def mixed_precision(device, dtype):
+    """Autocast to dtype on the device's kind; float32 means none."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def fit(example, block_size):
     """The example cut to the model's context window. The context loses its oldest tokens until it and
     its longest ending fit in block_size, so all four endings follow the same context; an ending that
@@ -197,7 +202,7 @@ def score_batch(model, examples, device, dtype):
     host = [[example.context for example in examples], inputs, predict_from, targets, slots, list(map(len, endings))]
     contexts, inputs, predict_from, targets, slots, ending_lengths = (torch.as_tensor(x).to(device) for x in host)
     kv_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
-    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.no_grad(), mixed_precision(device, dtype):
         hidden = hidden_states_of_endings(model, contexts, inputs, kv_dtype)
         logits = model.logits(hidden.flatten(0, 1)[predict_from]).float()  # (scored tokens, vocab_size)
     # A CPU computes the cross-entropy several times faster a few rows at a time, each piece in its caches,
@@ -258,7 +263,7 @@ def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
                 tokens[r, :len(row)] = torch.tensor(row)
                 mask[r, len(example.context):len(row)] = 1
             tokens, mask = tokens.to(device), mask.to(device)
-            with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad(), mixed_precision(device, dtype):
                 logits, _ = model(tokens)
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
             total = (losses.view(NUM_ENDINGS, -1) * mask[:, 1:]).sum(dim=1)
