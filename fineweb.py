@@ -8,11 +8,16 @@ Tokenize FineWeb-Edu, or any corpus, into the GPT-2 token shards that train_gpt2
     python fineweb.py --input corpus/ --benchmark      # tokens/s on a local corpus; keeps no shards
 
 Every document becomes <|endoftext|> followed by its GPT-2 tokens. The stream of tokens is cut into shards
-of --shard_size tokens in llm.c's .bin format: the first shard is validation, the rest training. A corpus
-smaller than two shards gives its first tenth to validation instead. manifest.json beside the shards says
-where they came from. Stopped midway, the same command resumes after the last whole shard.
+of --shard_size tokens in llm.c's .bin format: the first shard is validation, the rest training, as in
+build-nanogpt. A corpus smaller than two shards gives its last tenth to validation instead, the rule of
+`train_gpt2.py --data_dir=FILE.txt`: for one .txt file, both hold out the very same tokens.
+
+manifest.json beside the shards says where they came from, and records each shard's length and checksum.
+One run at a time owns --out_dir. Stopped midway, the same command resumes after the last whole shard; a
+shard that is missing or no longer the one the manifest records is made again, with those after it.
 """
 
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import datasets
@@ -31,8 +37,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from train_gpt2 import (SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, UserError, atomic_write, get_tokenizer, open_shard,
-                        parse_command_line, run_main, settings_of)
+from common import (SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, UserError, atomic_write, check_writable_dir,
+                    get_tokenizer, lock_dir, open_shard, parse_command_line, run_main, settings_of, split_text_tokens,
+                    sweep_temporary_files, unlock_dir)
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults make the data of the GPT-2 124M recipe (python fineweb.py --help).
@@ -52,9 +59,9 @@ benchmark = False                      # tokenize into a temporary directory and
 
 SETTINGS = settings_of(globals())
 
-SMALL_VAL_FRACTION = 0.1  # the share of a corpus smaller than two shards that goes to validation
 DOCS_PER_TASK = 256       # documents a worker tokenizes in one go: enough to make the hand-off cheap
 MANIFEST = "manifest.json"
+CHECKSUM_BYTES = 1 << 20  # a shard's checksum covers its first and last MiB: see shard_checksum
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # --input: datasets builder
 
 
@@ -232,11 +239,16 @@ def encode_documents(enc, texts):
 
 
 worker_tokenizer = None  # in a worker process, the tokenizer that start_worker was given
+held_lock = None         # while a run owns out_dir, its lock file (claim_out_dir)
 
 
 def start_worker(enc):
     global worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
+    if held_lock is not None:
+        # A forked worker shares the main process's lock on out_dir. Let go of it, or a run killed mid-batch
+        # would keep out_dir locked until each of its workers finished its batch and found the run gone.
+        held_lock.close()
     worker_tokenizer = enc  # pickled where processes are spawned: far cheaper than building it again
 
 
@@ -268,11 +280,22 @@ def write_shard(path, tokens):
     def write(f):
         f.write(header.tobytes())
         f.write(memoryview(tokens.astype("<u2", copy=False)))  # no copy on a little-endian machine
-    atomic_write(path, write)
+    atomic_write(path, write, size=SHARD_HEADER_BYTES + 2 * len(tokens))
+
+
+def shard_checksum(path):
+    """sha256 of a shard's first and last CHECKSUM_BYTES (of all of it, if it is smaller than both). It tells a
+    shard from one of another corpus, or from another place of this one, and checking 20 GB of shards on each
+    run reads 200 MB of them, not 20 GB."""
+    with open(path, "rb") as f:
+        head = f.read(CHECKSUM_BYTES)
+        f.seek(max(f.tell(), os.fstat(f.fileno()).st_size - CHECKSUM_BYTES))
+        return hashlib.sha256(head + f.read()).hexdigest()
 
 
 def save_manifest(out_dir, manifest):
-    atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    data = json.dumps(manifest, indent=1).encode()
+    atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(data), size=len(data))
 
 
 def shard_files(out_dir):
@@ -281,12 +304,10 @@ def shard_files(out_dir):
 
 
 def prepare_out_dir(out_dir, config, overwrite):
-    """The manifest to go on with: a new one, or an interrupted run's with the same config, cut back to the
-    shards that are whole. Refuses a directory holding shards of anything else, unless overwrite."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file, not a directory")
+    """The manifest to go on with: a new one, or an earlier run's with the same config, cut back to the shards
+    that are on disk as it records them. Refuses a directory holding shards of anything else, unless overwrite."""
     path = os.path.join(out_dir, MANIFEST)
-    existing = shard_files(out_dir) if os.path.isdir(out_dir) else []
+    existing = shard_files(out_dir)
     if overwrite:
         for name in existing + [MANIFEST]:
             if os.path.exists(os.path.join(out_dir, name)):
@@ -314,16 +335,12 @@ def prepare_out_dir(out_dir, config, overwrite):
     if strangers:
         raise UserError(f"{out_dir} also holds {strangers[0]}, which train_gpt2.py would read with these shards; "
                         f"move it, or pass --overwrite to delete it")
-    for name in os.listdir(out_dir):  # what a killed run was writing: never renamed, so never whole
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))
     whole = []
     for shard in manifest["shards"]:
-        try:
-            tokens = len(open_shard(os.path.join(out_dir, shard["file"]), config["tokenizer"]["n_vocab"], check_ids=False))
-        except (UserError, OSError):
-            tokens = None
-        if tokens != shard["tokens"]:
+        problem = shard_problem(out_dir, shard, config["tokenizer"]["n_vocab"])
+        if problem:
+            print(f"{shard['file']} is not the shard that {MANIFEST} records ({problem}); making it again, "
+                  f"and the shards after it")
             break
         whole.append(shard)
     if len(whole) == len(manifest["shards"]) and manifest["complete"]:
@@ -334,12 +351,30 @@ def prepare_out_dir(out_dir, config, overwrite):
     return {**fresh, "shards": whole}
 
 
+def shard_problem(out_dir, shard, vocab_size):
+    """Why a shard that the manifest lists is not on disk as the manifest records it, or None. Manifests of an
+    older fineweb.py record no checksums: their shards are checked by length alone."""
+    path = os.path.join(out_dir, shard["file"])
+    if not os.path.exists(path):
+        return "it is missing"
+    try:
+        tokens = len(open_shard(path, vocab_size, check_ids=False))
+    except (UserError, OSError):
+        return "it is truncated, or not a shard"
+    if tokens != shard["tokens"]:
+        return f"it holds {tokens:,} tokens, not {shard['tokens']:,}"
+    if "checksum" in shard and shard_checksum(path) != shard["checksum"]:
+        return "it holds other tokens"
+    return None
+
+
 class ShardWriter:
     """Cuts the stream of tokens into shards of shard_size tokens and records each in the manifest.
 
     The first shard is validation. It waits in memory until a second shard is full: only then is the
-    corpus known to be two shards or more. A smaller corpus is split SMALL_VAL_FRACTION / rest at the end.
-    Each shard written mid-run records where the next begins (a document, and tokens into it), to resume.
+    corpus known to be two shards or more. A smaller corpus is split at the end as train_gpt2.py splits a
+    .txt file: the last tenth is validation. Each shard written mid-run records where the next begins (a
+    document, and tokens into it), to resume.
     """
 
     def __init__(self, out_dir, manifest):
@@ -384,21 +419,25 @@ class ShardWriter:
         else:
             if self.val is not None:
                 tokens = np.concatenate([self.val[0], tokens])
-            n_val = max(1, int(len(tokens) * SMALL_VAL_FRACTION))
-            self.write("val", 0, tokens[:n_val])
-            for index, start in enumerate(range(n_val, len(tokens), self.shard_size)):
-                self.write("train", index, tokens[start:start + self.shard_size])
+            # The last tenth of the tokens after the <|endoftext|> that opens the stream: train_gpt2.py tokenizes
+            # a .txt file without that token, so from one .txt file both hold out the same tokens.
+            val = split_text_tokens(tokens[1:])[1]
+            train = tokens[:len(tokens) - len(val)]
+            for index, start in enumerate(range(0, len(train), self.shard_size)):
+                self.write("train", index, train[start:start + self.shard_size])
+            self.write("val", 0, val)  # listed last, so that the manifest lists the stream in order
         self.manifest.update(totals, complete=True)
         save_manifest(self.out_dir, self.manifest)
 
     def write(self, split, index, tokens, resume=None):
         name = f"{self.manifest['prefix']}_{split}_{index:06d}.bin"
+        path = os.path.join(self.out_dir, name)
         if not os.path.exists(os.path.join(self.out_dir, MANIFEST)):
             # Claim the directory first: a run killed after its first shard must find it, to resume.
-            os.makedirs(self.out_dir, exist_ok=True)
             save_manifest(self.out_dir, self.manifest)
-        write_shard(os.path.join(self.out_dir, name), tokens)
-        self.manifest["shards"].append({"file": name, "tokens": len(tokens), **(resume or {})})
+        write_shard(path, tokens)
+        self.manifest["shards"].append({"file": name, "tokens": len(tokens), "checksum": shard_checksum(path),
+                                        **(resume or {})})
         tqdm.write(f"wrote {name}: {len(tokens):,} tokens")
 
 # -----------------------------------------------------------------------------
@@ -460,17 +499,46 @@ def run_config(args, files, enc):
     }
 
 
-def run(argv):
-    args = parse_args(argv)
+def set_up(args):
+    """(files, tokenizer, config): the --input files, checked; GPT-2's tokenizer; what the shards depend on."""
     enc = get_tokenizer()
     if enc.n_vocab > 2**16:
         raise UserError(f"the tokenizer has {enc.n_vocab} tokens: more than uint16 shards can hold")
     files = list_local_files(args.input) if args.input else None
     for path, builder in files or []:
         check_local_file(path, builder, args.text_field)
-    config = run_config(args, files, enc)
-    if args.benchmark:
-        return benchmark_speed(args, files, enc, config)
+    return files, enc, run_config(args, files, enc)
+
+
+@contextmanager
+def claim_out_dir(out_dir):
+    """Make out_dir if need be, and own it while the run lasts: a second run into it meanwhile gets one line
+    naming this one's process, instead of writing shards between this one's. What killed runs were writing
+    goes first. The lock file goes last, and so does out_dir itself if this run made it and leaves it empty."""
+    global held_lock
+    made = []  # the directories of out_dir's path that this run makes, deepest first
+    path = os.path.normpath(out_dir)
+    while path and not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    check_writable_dir(out_dir, "out_dir")
+    held_lock = lock_dir(out_dir, "another fineweb.py run")
+    try:
+        removed = sweep_temporary_files(out_dir)
+        if removed:
+            print(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} that killed runs left "
+                  f"in {out_dir}")
+        yield
+    finally:
+        unlock_dir(held_lock)
+        held_lock = None
+        for directory in made:
+            if os.listdir(directory):
+                break
+            os.rmdir(directory)
+
+
+def make_shards(args, files, enc, config):
     manifest = prepare_out_dir(args.out_dir, config, args.overwrite)
     if manifest["complete"]:
         print(f"{args.out_dir} already holds the {len(manifest['shards'])} shards of this corpus; nothing to do")
@@ -480,10 +548,19 @@ def run(argv):
     documents, tokens, seconds = tokenize_corpus(parts, enc, args.out_dir, manifest, args.workers,
                                                  count_documents(parts, files))
     shards = manifest["shards"]
+    val_tokens = sum(shard["tokens"] for shard in shards if "_val_" in shard["file"])
     print(f"{documents:,} documents, {manifest['tokens']:,} tokens: {len(shards)} shards in {args.out_dir} "
-          f"({shards[0]['tokens']:,} validation tokens); {tokens / seconds / 1e6:.2f}M tokens/s")
+          f"({val_tokens:,} validation tokens); {tokens / seconds / 1e6:.2f}M tokens/s")
     if invalid:
         print(f"{invalid:,} invalid UTF-8 sequences in the .txt files were replaced with U+FFFD")
+
+
+def run(argv):
+    args = parse_args(argv)
+    if args.benchmark:  # it writes into a temporary directory of its own
+        return benchmark_speed(args, *set_up(args))
+    with claim_out_dir(args.out_dir):  # before the slow set-up, so that a bad --out_dir is said at once
+        make_shards(args, *set_up(args))
 
 
 def benchmark_speed(args, files, enc, config):

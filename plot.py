@@ -18,10 +18,12 @@ import os
 import sys
 from types import SimpleNamespace
 
+from common import UserError, atomic_write, newest_run, parse_command_line, run_main, settings_of
+
 # -----------------------------------------------------------------------------
 # Settings of the command line (python plot.py --help)
 
-runs = []                # the runs to draw: their out_dirs, where log.txt is (the words without --)
+runs = []                # the runs to draw: their out_dirs, where log.txt is (the words without --); none: the newest under log/
 output = ""              # the PNG to write (-o works too); empty: curves.png in the first run's directory
 x = "step"               # the x axis: step, or tokens (tokens_per_step from each run's run.json)
 
@@ -40,15 +42,11 @@ FIGURE_INCHES = (12, 4.5)
 DPI = 100                # 1200 x 450 pixels
 
 
-class PlotError(Exception):
-    """Bad input: the command line prints the message on one line and exits with status 2."""
-
-
-class MatplotlibMissing(PlotError):
+class MatplotlibMissing(UserError):
     pass
 
 
-class WandbUnavailable(PlotError):
+class WandbUnavailable(UserError):
     """W&B was asked for (a wandb_project) but cannot log; the trainer stops at start with this message."""
 
 
@@ -61,7 +59,7 @@ def read_log(path):
     step may appear twice: the last record counts. A line that does not parse (a run killed in the
     middle of a write leaves half a line) is skipped."""
     if not os.path.isfile(path):
-        raise PlotError(f"{path} does not exist; name a run's out_dir (where train_gpt2.py writes log.txt)")
+        raise UserError(f"{path} does not exist; name a run's out_dir (where train_gpt2.py writes log.txt)")
     series = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -74,7 +72,7 @@ def read_log(path):
                 continue
             series.setdefault(kind, {})[step] = value
     if not any(kind in series for kind in ("train", "val", "hella")):
-        raise PlotError(f"{path} has no train, val or hella records yet")
+        raise UserError(f"{path} has no train, val or hella records yet")
     return {kind: sorted(by_step.items()) for kind, by_step in series.items()}
 
 
@@ -82,12 +80,12 @@ def tokens_per_step(run_dir):
     """The x scale of --x=tokens, from the run.json that train_gpt2.py writes beside log.txt."""
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
-        raise PlotError(f"--x=tokens needs {path} (train_gpt2.py writes tokens_per_step there); use --x=step")
+        raise UserError(f"--x=tokens needs {path} (train_gpt2.py writes tokens_per_step there); use --x=step")
     try:
         with open(path, encoding="utf-8") as f:
             return int(json.load(f)["tokens_per_step"])
     except (ValueError, KeyError, TypeError):
-        raise PlotError(f"{path} has no number tokens_per_step; use --x=step") from None
+        raise UserError(f"{path} has no number tokens_per_step; use --x=step") from None
 
 
 def moving_average(values, window):
@@ -125,7 +123,7 @@ def draw(run_dirs, output, x="step"):
     """Draw the runs' log.txt files into one PNG at output; returns the matplotlib Figure."""
     for d in run_dirs:
         if os.path.isfile(d):
-            raise PlotError(f"{d} is a file; name the run's directory (its out_dir), where log.txt is")
+            raise UserError(f"{d} is a file; name the run's directory (its out_dir), where log.txt is")
     logs = [read_log(os.path.join(d, "log.txt")) for d in run_dirs]
     scales = [tokens_per_step(d) if x == "tokens" else 1 for d in run_dirs]
     try:
@@ -152,9 +150,7 @@ def draw(run_dirs, output, x="step"):
         if x == "tokens":
             ax.xaxis.set_major_formatter(FuncFormatter(lambda tokens, _: short_count(tokens)))
 
-    # Written to a temporary name and renamed, so that a viewer open on the file never sees half a picture:
-    # the repository's one atomic write (imported here: train_gpt2 imports this module).
-    from train_gpt2 import atomic_write
+    # Written to a temporary name and renamed, so that a viewer open on the file never sees half a picture.
     atomic_write(output, lambda f: fig.savefig(f, format="png"))
     return fig
 
@@ -233,7 +229,7 @@ def refresh_curves(out_dir):
             _told_to_install = True
     except Exception as e:
         first_line = (str(e).splitlines() or [""])[0]
-        reason = first_line if isinstance(e, PlotError) else f"{type(e).__name__}: {first_line}"
+        reason = first_line if isinstance(e, UserError) else f"{type(e).__name__}: {first_line}"
         print(f"warning: {path} is not drawn: {reason}", file=sys.stderr)
 
 
@@ -286,13 +282,12 @@ class WandbRun:
 
 def parse_args(argv):
     """The settings from the command line: the run directories, and -o/--output and --x."""
-    from train_gpt2 import parse_command_line, settings_of
     args = SimpleNamespace(**parse_command_line(argv, settings_of(globals()), __doc__, __file__, positional="runs",
                                                 aliases={"-o": "output"})[0])
-    if not args.runs:
-        raise PlotError("name at least one run directory (a run's out_dir, where its log.txt is)")
+    # No run named, or log/ (the trainer's default out_dir) that holds none itself: the newest run below log/.
+    args.runs = [newest_run(run_dir, "log.txt") for run_dir in args.runs or ["log"]]
     if args.x not in ("step", "tokens"):
-        raise PlotError(f"--x takes step or tokens, not '{args.x}'")
+        raise UserError(f"--x takes step or tokens, not '{args.x}'")
     return args
 
 
@@ -302,17 +297,13 @@ def run(argv):
     try:
         draw(args.runs, output, x=args.x)
     except OSError as e:  # the output's directory is missing or not writable
-        raise PlotError(f"cannot write {output}: {e.strerror}") from None
+        raise UserError(f"cannot write {output}: {e.strerror}") from None
     print(f"wrote {output}")
 
 
 def main(argv=None):
-    from train_gpt2 import run_main
     run_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    # train_gpt2 imports this file as the module plot: run that module's main, so that one PlotError class,
-    # not a second copy in __main__, is raised and caught.
-    import plot
-    plot.main()
+    main()

@@ -17,14 +17,13 @@ from types import SimpleNamespace
 
 import torch
 
-from train_gpt2 import (UserError, generate, get_tokenizer, load_model, parse_command_line, run_main, settings_of,
-                        setup_system)
+from common import UserError, get_tokenizer, newest_run, parse_command_line, run_main, settings_of
 
 # -----------------------------------------------------------------------------
 # Settings (python sample.py --help)
 
 init_from = "resume"             # resume (the newest checkpoint in --out_dir), a checkpoint file, gpt2[-medium|-large|-xl] or a Hugging Face directory
-out_dir = "log"                  # where --init_from=resume looks
+out_dir = "log"                  # where --init_from=resume looks; log/ with no checkpoint: the newest run below it
 prompt = ""                      # text to continue; empty: start a new document (<|endoftext|>)
 prompt_file = ""                 # read the prompt from this file instead
 num_samples = 1                  # samples per prompt
@@ -53,6 +52,7 @@ def encode(tokenizer, prompt, device):
 
 def print_sample(model, tokenizer, prompt, args, generator):
     """Print the prompt, then its continuation token by token, up to <|endoftext|> or max_new_tokens."""
+    from train_gpt2 import generate
     idx = encode(tokenizer, prompt, next(model.parameters()).device)
     # A character may span several tokens: the decoder holds incomplete UTF-8 bytes until the rest comes.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -84,6 +84,7 @@ def typed_prompts():
 
 def benchmark_speed(model, tokenizer, prompt, max_new_tokens):
     """Print the tokens/s of greedy generation with and without the KV cache, and whether they agree."""
+    from train_gpt2 import generate
     c = model.config
     idx = encode(tokenizer, prompt, next(model.parameters()).device)
     print(f"{model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers x {c.n_embd}, block_size {c.block_size}), "
@@ -130,7 +131,10 @@ def parse_args(argv):
 
 def run(argv):
     """Load the model and print samples, or the benchmark."""
+    from train_gpt2 import load_model, setup_system  # the model lives in the trainer
     args = parse_args(argv)
+    if args.init_from == "resume":  # log/ after the quick start holds no run, log/shakespeare does
+        args.out_dir = newest_run(args.out_dir, "ckpt_*.pt")
     system = setup_system(args)
     model, _ = load_model(args.init_from, args.out_dir)
     model.to(system.device).eval()

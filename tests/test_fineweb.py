@@ -2,8 +2,11 @@
 validation; every kind of source goes through datasets' loaders; a killed run resumes to the same bytes;
 and each bad input gets one line on stderr, exit status 2, and leaves no file behind."""
 
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +21,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 import fineweb  # noqa: E402
-from train_gpt2 import find_data, get_tokenizer, open_shard  # noqa: E402
+from common import get_tokenizer, open_shard  # noqa: E402
 
 EOT = "<|endoftext|>"
 ENC = get_tokenizer()
@@ -54,11 +58,19 @@ def run(capsys, *args):
 
 
 def shards(out_dir):
-    """The shard names the manifest lists, in stream order (validation first), and their tokens."""
+    """The shard names the manifest lists, in stream order (validation first, or last for a corpus smaller
+    than two shards), and their tokens."""
     with open(os.path.join(out_dir, "manifest.json")) as f:
         manifest = json.load(f)
     names = [shard["file"] for shard in manifest["shards"]]
     return names, [np.asarray(open_shard(os.path.join(out_dir, name), ENC.n_vocab)) for name in names]
+
+
+def find_data(data_dir, vocab_size):
+    """train_gpt2.py's own reading of data_dir. Imported when a test asks for it, so that the other tests of
+    fineweb.py don't depend on the trainer importing."""
+    from train_gpt2 import find_data
+    return find_data(data_dir, vocab_size)
 
 
 def decoded(out_dir):
@@ -108,19 +120,38 @@ def test_shards_decode_to_the_documents_and_the_first_is_validation(tmp_path, ca
 
 
 @pytest.mark.parametrize("shards_worth", [0.5, 1.5])
-def test_a_corpus_smaller_than_two_shards_gives_a_tenth_to_validation(tmp_path, capsys, shards_worth):
+def test_a_corpus_smaller_than_two_shards_gives_its_last_tenth_to_validation(tmp_path, capsys, shards_worth):
     text = " ".join(make_documents(40, seed=1))
     (tmp_path / "input.txt").write_text(text, encoding="utf-8")
-    total = 1 + len(ENC.encode_ordinary(text))
+    text_tokens = len(ENC.encode_ordinary(text))
+    total = 1 + text_tokens  # <|endoftext|>, then the text
     shard_size = int(total / shards_worth)
     status, stdout, err = run(capsys, "--input", tmp_path / "input.txt", "--out_dir", tmp_path / "out", "--shard_size", shard_size)
     assert status == 0, err
     names, tokens = shards(tmp_path / "out")
-    assert len(tokens[0]) == total // 10
-    train = total - total // 10
-    assert names[1:] == [f"edufineweb_train_{i:06d}.bin" for i in range(-(-train // shard_size))]
-    assert decoded(tmp_path / "out") == EOT + text
-    assert f"{total:,} tokens" in stdout
+    val = text_tokens - int(0.9 * text_tokens)  # the tenth of the text's tokens, as train_gpt2.py splits a .txt file
+    assert names[-1] == "edufineweb_val_000000.bin" and len(tokens[-1]) == val
+    assert names[:-1] == [f"edufineweb_train_{i:06d}.bin" for i in range(-(-(total - val) // shard_size))]
+    assert [len(t) for t in tokens[:-2]] == [shard_size] * (len(names) - 2)
+    assert decoded(tmp_path / "out") == EOT + text  # training, then validation: the stream in order
+    assert f"{total:,} tokens" in stdout and f"({val:,} validation tokens)" in stdout
+
+
+def test_a_small_text_file_gives_the_validation_tokens_of_the_trainer(tmp_path, capsys):
+    # train_gpt2.py --data_dir=FILE.txt tokenizes the file itself and keeps its last tenth for validation;
+    # fineweb.py on the same file must hold out the very same tokens, or one text gives two validation sets.
+    text = " ".join(make_documents(60, seed=8))
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    status, stdout, err = run(capsys, "--input", tmp_path / "input.txt", "--out_dir", tmp_path / "out")
+    assert status == 0, err
+    train, val = find_data(str(tmp_path / "input.txt"), ENC.n_vocab)
+    names, tokens = shards(tmp_path / "out")
+    assert names == ["edufineweb_train_000000.bin", "edufineweb_val_000000.bin"]
+    assert np.array_equal(tokens[1], val[0])
+    # The training shard is the trainer's training tokens after the <|endoftext|> that opens every document.
+    assert tokens[0][0] == ENC.eot_token and np.array_equal(tokens[0][1:], train[0])
+    val_shards = find_data(str(tmp_path / "out"), ENC.n_vocab)[1]  # and the trainer reads that shard as validation
+    assert np.array_equal(open_shard(val_shards[0], ENC.n_vocab), val[0])
 
 
 def test_a_finished_run_is_not_redone(tmp_path, capsys):
@@ -234,6 +265,25 @@ def test_a_killed_run_resumes_to_identical_shards(tmp_path, capsys):
         assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+def test_a_killed_run_lets_go_of_its_out_dir_at_once_though_its_worker_runs_on(tmp_path, capsys):
+    # A batch of these documents takes a worker about a second: killed, the run leaves its worker in the middle
+    # of one, and the next run must find the directory free at once, not "in use" by a process that is gone.
+    write_jsonl(tmp_path / "c.jsonl", make_documents(3 * fineweb.DOCS_PER_TASK, seed=11, words=(4000, 4001)))
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(ROOT, "fineweb.py"), "--input", str(tmp_path / "c.jsonl"), "--out_dir",
+               str(out), "--shard_size", "20000", "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not shards_listed(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    status, stdout, err = run(capsys, "--input", tmp_path / "c.jsonl", "--out_dir", out, "--shard_size", 20000)
+    assert status == 0, err
+    assert "resuming after" in stdout
+
+
 def test_a_lost_shard_is_made_again(tmp_path, capsys):
     write_jsonl(tmp_path / "c.jsonl", make_documents(40, seed=5))
     args = ("--input", tmp_path / "c.jsonl", "--out_dir", tmp_path / "out", "--shard_size", 1000)
@@ -244,6 +294,64 @@ def test_a_lost_shard_is_made_again(tmp_path, capsys):
     status, stdout, err = run(capsys, *args)
     assert status == 0 and "resuming after 3 whole shards" in stdout, err
     assert (tmp_path / "out" / names[3]).read_bytes() == original
+
+
+@pytest.mark.parametrize("which", [0, 3, -1])  # the validation shard, one in the middle, the last
+def test_a_shard_that_is_not_the_one_the_manifest_records_is_made_again(tmp_path, capsys, which):
+    # What another run writing into the same directory left behind: a shard of the right length, other tokens.
+    write_jsonl(tmp_path / "c.jsonl", make_documents(40, seed=5))
+    args = ("--input", tmp_path / "c.jsonl", "--shard_size", 1000)
+    assert run(capsys, *args, "--out_dir", tmp_path / "clean")[0] == 0
+    shutil.copytree(tmp_path / "clean", tmp_path / "out")
+    names, tokens = shards(tmp_path / "out")
+    original = (tmp_path / "out" / names[which]).read_bytes()
+    other = np.random.default_rng(9).integers(0, ENC.n_vocab, len(tokens[which]), dtype=np.uint16)
+    (tmp_path / "out" / names[which]).write_bytes(original[:1024] + other.astype("<u2").tobytes())
+    status, stdout, err = run(capsys, *args, "--out_dir", tmp_path / "out")
+    assert status == 0 and f"{names[which]} is not the shard" in stdout, stdout + err
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "clean"))
+    for name in os.listdir(tmp_path / "clean"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+
+def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path, capsys):
+    write_jsonl(tmp_path / "c.jsonl", make_documents(20, seed=10))
+    out = tmp_path / "out"
+    os.mkdir(out)
+    # A process that holds out/ as a running fineweb.py does, until its stdin closes.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import common; "
+                               "lock = common.lock_dir(sys.argv[2], 'a test'); print('locked', flush=True); sys.stdin.read()",
+                               ROOT, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        status, stdout, err = run(capsys, "--input", tmp_path / "c.jsonl", "--out_dir", out, "--shard_size", 500)
+        assert status == 2
+        assert err == (f"error: {out} is in use by another fineweb.py run (process {holder.pid}); wait for it to "
+                       f"finish, or write somewhere else\n")
+        assert os.listdir(out) == [".lock"] and (out / ".lock").read_text() == str(holder.pid)  # the holder's, untouched
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    status, stdout, err = run(capsys, "--input", tmp_path / "c.jsonl", "--out_dir", out, "--shard_size", 500)
+    assert status == 0, err
+    assert ".lock" not in os.listdir(out)  # the directory holds the shards and their manifest, nothing else
+
+
+def test_temporary_files_of_killed_runs_are_swept_and_those_of_running_ones_kept(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("To be, or not to be", encoding="utf-8")
+    args = ("--input", tmp_path / "a.txt", "--out_dir", tmp_path / "out")
+    assert run(capsys, *args)[0] == 0
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid is that of a writer that no longer runs
+    dead = tmp_path / "out" / f"edufineweb_train_000001.bin.{finished.pid}.tmp"
+    live = tmp_path / "out" / f"manifest.json.{os.getpid()}.tmp"
+    dead.write_bytes(b"half a shard")
+    live.write_bytes(b"being written")
+    status, stdout, err = run(capsys, *args)
+    assert status == 0, err
+    assert f"removed 1 temporary file that killed runs left in {tmp_path / 'out'}" in stdout
+    assert not dead.exists() and live.read_bytes() == b"being written"
+
 
 # -----------------------------------------------------------------------------
 # Bad input: one line on stderr, exit status 2, no file left under a final name
@@ -263,7 +371,7 @@ BAD_INPUTS = {  # case: (--input and other arguments, in a directory write_bad_i
     "no corpus files": (["no_text"], "holds no .txt, .jsonl, .json, .parquet files"),
     "bad prefix": (["empty.txt", "--prefix", "my_val"], "without 'train' or 'val'"),
     "bad shard size": (["empty.txt", "--shard_size", "0"], "positive integer"),
-    "bad number": (["empty.txt", "--shard_size", "1e8"], "--shard_size takes a whole number, not '1e8'"),
+    "bad number": (["empty.txt", "--shard_size", "1e-3"], "--shard_size takes a whole number, not '1e-3'"),
 }
 
 
@@ -304,6 +412,66 @@ def test_an_out_dir_of_another_corpus_is_refused_unless_overwrite(tmp_path, caps
     assert status == 0, err
     assert decoded(out) == EOT + "second corpus"
     assert sorted(os.listdir(out)) == ["edufineweb_train_000000.bin", "edufineweb_val_000000.bin", "manifest.json"]
+
+
+@pytest.mark.parametrize("case", ["a file", "below a file", "read-only"])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_set_up(tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "a.txt").write_text("hello", encoding="utf-8")
+    (tmp_path / "file").write_text("not a directory")
+    out, phrase = {
+        "a file": (tmp_path / "file", f"--out_dir={tmp_path / 'file'}: it is a file; name a directory"),
+        "below a file": (tmp_path / "file" / "out", f"lies below {tmp_path / 'file'}, which is a file; name a directory"),
+        "read-only": (tmp_path / "ro", "cannot be written (Read-only file system); name a directory you can write"),
+    }[case]
+    def too_late(*args, **kwargs):
+        raise AssertionError("set-up began before --out_dir was checked")
+    monkeypatch.setattr(fineweb, "get_tokenizer", too_late)
+    monkeypatch.setattr(datasets, "load_dataset", too_late)
+    if case == "read-only":
+        # The tests run as root, whom chmod 0o555 does not stop: the read-only file system's answer is simulated.
+        os.mkdir(out)
+        def read_only_open(path, *args, **kwargs):
+            if os.path.dirname(os.path.abspath(path)) == str(out):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return open(path, *args, **kwargs)
+        monkeypatch.setattr(common, "open", read_only_open, raising=False)
+    status, stdout, err = run(capsys, "--input", tmp_path / "a.txt", "--out_dir", out)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: --out_dir={out} ") and phrase in err, err
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("target", ["shard", "manifest"])
+def test_a_full_disk_is_one_line_with_the_room_needed_and_left(tmp_path, capsys, monkeypatch, target):
+    write_jsonl(tmp_path / "c.jsonl", make_documents(40, seed=5))
+    out = tmp_path / "out"
+    name = {"shard": "edufineweb_val_000000.bin", "manifest": "manifest.json"}[target]
+
+    class FullDisk:
+        """A file that takes 100 bytes, then fails as a write to a full disk does."""
+        def __init__(self, f):
+            self.f = f
+        def write(self, data):
+            self.f.write(bytes(data)[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        def __getattr__(self, attribute):
+            return getattr(self.f, attribute)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exception):
+            self.f.close()
+
+    def full_disk_open(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        return FullDisk(f) if os.path.basename(path).startswith(name + ".") and path.endswith(".tmp") else f
+    monkeypatch.setattr(common, "open", full_disk_open, raising=False)
+    status, stdout, err = run(capsys, "--input", tmp_path / "c.jsonl", "--out_dir", out, "--shard_size", 1000)
+    assert status == 2
+    needed = "3,024" if target == "shard" else "[0-9,]+"  # a shard: 1024 bytes of header, 1000 two-byte tokens
+    assert re.fullmatch(rf"error: no space left on the disk of {re.escape(str(out))} while writing {name} \({needed} "
+                        rf"bytes needed, 100 bytes written, [0-9,]+ free after removing them\); free some space\n", err), err
+    # No temporary file is left: a shard's failure leaves the manifest that claimed out/; the manifest's, nothing.
+    assert (sorted(os.listdir(out)) == ["manifest.json"]) if target == "shard" else not out.exists()
 
 
 def test_shards_of_unknown_origin_are_refused(tmp_path, capsys):

@@ -169,7 +169,7 @@ def test_an_empty_missing_or_unreadable_log_is_one_error_line(tmp_path, case):
 
 def test_naming_log_txt_instead_of_its_directory_says_so(tmp_path):
     run = write_run(tmp_path / "run", training_records())
-    with pytest.raises(plot.PlotError, match="is a file; name the run's directory"):
+    with pytest.raises(plot.UserError, match="is a file; name the run's directory"):
         plot.draw([os.path.join(run, "log.txt")], str(tmp_path / "curves.png"))
 
 
@@ -308,6 +308,11 @@ def test_wandb_offline_logs_metrics_and_samples_and_a_resumed_run_keeps_its_id(w
     config = [r for r in records if r.WhichOneof("record_type") == "run"][0].run.config
     assert {item.key: json.loads(item.value_json) for item in config.update}["max_lr"] == 6e-4
 
+    # wandb names an offline run's directory by the second its session starts: a session resumed within the
+    # same second would share the first one's directory. Start it in a later second, whatever the machine's load.
+    started = os.path.basename(run_dir).split("-")[2]  # offline-run-YYYYMMDD_HHMMSS-ID
+    while time.strftime("%Y%m%d_%H%M%S") <= started:
+        time.sleep(0.05)
     resumed = plot.WandbRun("gpt2-tests", "tiny", {"max_lr": 6e-4, "n_layer": 2}, resume_id=first_id)
     resumed.log({"train/loss": 1.5}, step=4)
     resumed.finish()

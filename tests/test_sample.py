@@ -190,7 +190,7 @@ def refused(args, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--init_from=missing.pt"], "--init_from=missing.pt is neither a checkpoint file"),
+    (["--init_from=missing.pt"], "error: checkpoint missing.pt does not exist\n"),  # not a list of choices
     (["--init_from=gpt3"], "--init_from=gpt3 is neither"),
     (["--init_from=scratch"], "--init_from=scratch would sample from random weights"),
     (["--top_p=0"], "--top_p takes a number in (0, 1], not 0"),
