@@ -401,7 +401,7 @@ def open_shard(path, vocab_size, check_ids=True):
         try:
             tokens = np.load(path, mmap_mode="r")
         except ValueError as e:
-            if "allow_pickle" in str(e):
+            if "Python objects" in str(e) or "allow_pickle" in str(e):
                 raise UserError(f"{path}: holds Python objects, not token ids; token shards are 1-D uint16 arrays") from None
             raise UserError(f"{path}: not a readable .npy file ({e}); the shard is truncated, make it again") from None
         except OSError as e:

@@ -4,7 +4,7 @@ with GPT-2 and GPT-3.
 
     python hellaswag.py --model gpt2                      # OpenAI's GPT-2 124M: acc 0.2859 acc_norm 0.2955
     python hellaswag.py --model log/ckpt_0019073.pt       # a checkpoint of train_gpt2.py
-    python hellaswag.py --model DIR --data hellaswag_val.jsonl --limit 500 --benchmark
+    python hellaswag.py --model DIR --data hellaswag_val.jsonl --benchmark   # examples/s against build-nanogpt's loop
     torchrun --standalone --nproc_per_node=8 hellaswag.py --model gpt2-xl
 
 The method is build-nanogpt's, so the figures compare with its published ones: each ending is scored
@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from common import UserError, get_tokenizer, parse_command_line, run_main, settings_of
+
 # -----------------------------------------------------------------------------
 # Settings of the command line (python hellaswag.py --help)
 
@@ -39,6 +41,7 @@ dtype = ""                       # bfloat16, float16 or float32 (autocast); empt
 limit = 0                        # evaluate the first N examples only (0: all)
 batch_size = 32                  # examples per forward pass (4 rows each)
 benchmark = False                # also time build-nanogpt's one-example-at-a-time loop and print examples/s of both
+baseline_examples = 400          # with --benchmark: the one-at-a-time loop times the first N examples only (0: all)
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"  # + hellaswag_{split}.jsonl
 SPLIT_SIZES = {"train": 39905, "val": 10042, "test": 10003}  # lines per file, to check a download
@@ -48,8 +51,6 @@ NUM_ENDINGS = 4
 CPU_LOSS_ROWS = 32  # scored tokens per cross-entropy call on a CPU: about 6 MB of logits, in cache
 
 
-class DataError(Exception):
-    """A missing, unreachable or malformed HellaSwag file: the scripts print it on one line and exit with 2."""
 
 # -----------------------------------------------------------------------------
 # Data
@@ -69,13 +70,13 @@ def download(split):
         torch.hub.download_url_to_file(url, path, progress=sys.stderr.isatty())
     except OSError as e:  # urllib's errors are OSErrors too
         reason = getattr(e, "reason", None) or e.strerror or e
-        raise DataError(f"cannot download {url} ({reason}); without internet, fetch that file elsewhere and "
+        raise UserError(f"cannot download {url} ({reason}); without internet, fetch that file elsewhere and "
                         f"pass its path as --data (hellaswag.py) or --hellaswag_data (train_gpt2.py)") from None
     with open(path, "rb") as f:
         lines = sum(1 for line in f if line.strip())
     if lines != SPLIT_SIZES[split]:
         os.remove(path)
-        raise DataError(f"{url} has {lines} lines, not the {SPLIT_SIZES[split]} of HellaSwag's {split} split; "
+        raise UserError(f"{url} has {lines} lines, not the {SPLIT_SIZES[split]} of HellaSwag's {split} split; "
                         f"try again, or pass a good copy as --data")
     return path
 
@@ -85,20 +86,20 @@ def check_record(line, where):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg}); is this a HellaSwag .jsonl file?") from None
+        raise UserError(f"{where}: not valid JSON ({e.msg}); is this a HellaSwag .jsonl file?") from None
     if not isinstance(record, dict):
-        raise DataError(f"{where}: a HellaSwag record is a JSON object, found {type(record).__name__}")
+        raise UserError(f"{where}: a HellaSwag record is a JSON object, found {type(record).__name__}")
     ctx, endings, label = record.get("ctx"), record.get("endings"), record.get("label")
     if not isinstance(ctx, str) or not ctx.strip():
-        raise DataError(f"{where}: no context: 'ctx' must be a non-empty string")
+        raise UserError(f"{where}: no context: 'ctx' must be a non-empty string")
     if not isinstance(endings, list) or not all(isinstance(ending, str) for ending in endings):
-        raise DataError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+        raise UserError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
     if len(endings) != NUM_ENDINGS:
-        raise DataError(f"{where}: {len(endings)} endings; a HellaSwag record has {NUM_ENDINGS}")
+        raise UserError(f"{where}: {len(endings)} endings; a HellaSwag record has {NUM_ENDINGS}")
     if "label" not in record:
-        raise DataError(f"{where}: no 'label'; HellaSwag's test split is unlabelled, evaluate val or train instead")
+        raise UserError(f"{where}: no 'label'; HellaSwag's test split is unlabelled, evaluate val or train instead")
     if type(label) is not int or not 0 <= label < NUM_ENDINGS:
-        raise DataError(f"{where}: 'label' must be 0, 1, 2 or 3, found {label!r}")
+        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, found {label!r}")
     return ctx, endings, label
 
 
@@ -120,14 +121,14 @@ def load_examples(tokenizer, path="", split="val"):
                 if line.strip():
                     records.append(check_record(line, f"{path}:{line_number}"))
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist; give the path of a hellaswag_{split}.jsonl, "
+        raise UserError(f"{path} does not exist; give the path of a hellaswag_{split}.jsonl, "
                         f"or no path to download it") from None
     except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; is this a HellaSwag .jsonl file?") from None
+        raise UserError(f"{path} is not UTF-8 text; is this a HellaSwag .jsonl file?") from None
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if not records:
-        raise DataError(f"{path} holds no examples")
+        raise UserError(f"{path} holds no examples")
     # encode_ordinary: a "<|endoftext|>" in the text is text, not the special token.
     contexts = tokenizer.encode_ordinary_batch([ctx for ctx, _, _ in records])
     endings = tokenizer.encode_ordinary_batch([" " + ending for _, four, _ in records for ending in four])
@@ -182,6 +183,19 @@ def hidden_states_of_endings(model, contexts, endings, kv_dtype):
     return torch.cat([last.repeat_interleave(NUM_ENDINGS, dim=0), model.hidden_states(endings, cache)], dim=1)
 
 
+def to_device(arrays, device):
+    """The integer arrays as int64 tensors on the device, in one copy: packed end to end into one host buffer,
+    pinned on CUDA so that the copy is asynchronous (the host goes on without waiting for the device), then cut
+    into views of the one device tensor. On a CPU the views are of the host buffer itself."""
+    arrays = [np.asarray(array, dtype=np.int64) for array in arrays]
+    on_cuda = torch.device(device).type == "cuda"
+    host = torch.empty(sum(array.size for array in arrays), dtype=torch.int64, pin_memory=on_cuda)
+    np.concatenate([array.ravel() for array in arrays], out=host.numpy())
+    # The pinned buffer may be freed at once: PyTorch's pinned allocator reuses it only once the copy is done.
+    packed = host.to(device, non_blocking=on_cuda)
+    return [piece.view(array.shape) for piece, array in zip(packed.split([array.size for array in arrays]), arrays)]
+
+
 def score_batch(model, examples, device, dtype):
     """Total and per-token loss of every ending of the examples, whose contexts are of one length
     (plan_batches makes such batches): two (E, NUM_ENDINGS) float32 tensors.
@@ -199,8 +213,9 @@ def score_batch(model, examples, device, dtype):
         predict_from.extend(range(r * (width + 1), r * (width + 1) + len(ending)))
         targets.extend(ending)
         slots.extend(range(r * width, r * width + len(ending)))
-    host = [[example.context for example in examples], inputs, predict_from, targets, slots, list(map(len, endings))]
-    contexts, inputs, predict_from, targets, slots, ending_lengths = (torch.as_tensor(x).to(device) for x in host)
+    contexts = [example.context for example in examples]
+    contexts, inputs, predict_from, targets, slots, ending_lengths = to_device(
+        [contexts, inputs, predict_from, targets, slots, list(map(len, endings))], device)
     kv_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
     with torch.no_grad(), mixed_precision(device, dtype):
         hidden = hidden_states_of_endings(model, contexts, inputs, kv_dtype)
@@ -226,20 +241,22 @@ def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=ba
 
     model: the uncompiled, unwrapped module in eval mode (a compiled one would recompile for each new
     batch shape). With world_size > 1, torch.distributed must be initialized: each rank scores its
-    share of the batches and the counts are summed. Nothing waits for the device until the end, so
-    it runs ahead of the Python that prepares the next batch.
+    share of the batches and the counts are summed. Each batch goes to the device in one asynchronous
+    copy, and the choices come back in one copy at the end: until then the host never synchronizes with
+    the device, so it prepares the next batches while the device scores this one.
     """
     batches = plan_batches(examples, model.config.block_size, batch_size)[rank::world_size]
-    correct = torch.zeros(2, dtype=torch.long, device=device)  # by total loss, by mean loss
+    choices = []  # per batch, (E, 2): the ending of lowest total loss, of lowest loss per token
     with _progress_bar(sum(map(len, batches)), progress and rank == 0) as bar:
         for batch in batches:
-            batch = [examples[i] for i in batch]
-            total, mean = score_batch(model, batch, device, dtype)
-            labels = torch.tensor([example.label for example in batch]).to(device)
-            correct += torch.stack([(total.argmin(dim=1) == labels).sum(), (mean.argmin(dim=1) == labels).sum()])
-            bar.update(len(batch))
-    counts = torch.cat([correct, torch.tensor([sum(map(len, batches))], device=device)])
+            total, mean = score_batch(model, [examples[i] for i in batch], device, dtype)
+            choices.append(torch.stack([total.argmin(dim=1), mean.argmin(dim=1)], dim=1))
+            bar.update(len(batch))  # handed to the device, which may be a few batches behind
+    labels = torch.tensor([examples[i].label for batch in batches for i in batch], dtype=torch.long)
+    chosen = torch.cat(choices).cpu() if choices else torch.zeros(0, 2, dtype=torch.long)
+    counts = torch.cat([(chosen == labels[:, None]).sum(dim=0), torch.tensor([len(labels)])])  # by total, by mean, all
     if world_size > 1:
+        counts = counts.to(device)
         dist.all_reduce(counts)
     correct, correct_norm, count = counts.tolist()
     return correct / max(count, 1), correct_norm / max(count, 1), count
@@ -273,21 +290,23 @@ def evaluate_one_at_a_time(model, examples, device, dtype, progress=False):
     return correct / max(len(examples), 1), correct_norm / max(len(examples), 1), len(examples)
 
 
-def benchmark_speed(model, examples, device, dtype, batch_size, rounds=4):
-    """(batched, one at a time) examples/s. The two take turns, so that a machine busy with other work
-    slows both alike: each round the batched evaluator scores all the examples, and the one-at-a-time
-    loop the next quarter of them."""
+def benchmark_speed(model, examples, device, dtype, batch_size, baseline_examples=0, rounds=4):
+    """(batched, one at a time) examples/s. The batched evaluator scores all the examples; the one-at-a-time
+    loop, much slower, the first baseline_examples of them (0: all). The two take turns, so that
+    a machine busy with other work slows both alike: each round the batched evaluator scores all its
+    examples, and the one-at-a-time loop the next quarter of its own."""
     evaluate(model, examples[:batch_size], device, dtype, batch_size=batch_size)  # warm up kernels, allocator
+    baseline = examples[:baseline_examples or None]
     seconds = [0.0, 0.0]
-    share = math.ceil(len(examples) / rounds)
+    share = math.ceil(len(baseline) / rounds)
     for r in range(rounds):
         clock = time.perf_counter()
         evaluate(model, examples, device, dtype, batch_size=batch_size)  # both end in a host sync
         seconds[0] += time.perf_counter() - clock
         clock = time.perf_counter()
-        evaluate_one_at_a_time(model, examples[r * share:(r + 1) * share], device, dtype)
+        evaluate_one_at_a_time(model, baseline[r * share:(r + 1) * share], device, dtype)
         seconds[1] += time.perf_counter() - clock
-    return rounds * len(examples) / seconds[0], len(examples) / seconds[1]
+    return rounds * len(examples) / seconds[0], len(baseline) / seconds[1]
 
 # -----------------------------------------------------------------------------
 # The command line
@@ -295,11 +314,10 @@ def benchmark_speed(model, examples, device, dtype, batch_size, rounds=4):
 
 def run(argv):
     """Score a model on HellaSwag; under torchrun every process takes a share of the examples."""
-    from train_gpt2 import (UserError, get_tokenizer, load_model, parse_command_line, settings_of,
-                            setup_system)
+    from train_gpt2 import load_model, setup_system
     args = SimpleNamespace(**parse_command_line(argv, settings_of(globals()), __doc__, __file__)[0])
-    if args.limit < 0 or args.batch_size < 1:
-        raise UserError("--limit takes 0 or more, --batch_size 1 or more")
+    if args.limit < 0 or args.baseline_examples < 0 or args.batch_size < 1:
+        raise UserError("--limit and --baseline_examples take 0 or more, --batch_size 1 or more")
     if args.split not in SPLIT_SIZES:
         raise UserError(f"--split takes {', '.join(SPLIT_SIZES)}, not '{args.split}'")
     system = setup_system(args)
@@ -312,9 +330,11 @@ def run(argv):
     if args.benchmark:
         if system.world_size > 1:
             raise UserError("--benchmark compares two loops in one process: run it without torchrun")
-        batched, one_at_a_time = benchmark_speed(net, examples, system.device, system.dtype, args.batch_size)
-        print(f"benchmark: batched {batched:.1f} examples/s, one at a time {one_at_a_time:.1f} examples/s, "
-              f"{batched / one_at_a_time:.1f}x")
+        batched, one_at_a_time = benchmark_speed(net, examples, system.device, system.dtype, args.batch_size,
+                                                 args.baseline_examples)
+        baseline = min(args.baseline_examples or len(examples), len(examples))
+        print(f"benchmark: batched {batched:.1f} examples/s (all {len(examples)}), one at a time "
+              f"{one_at_a_time:.1f} examples/s (the first {baseline}), {batched / one_at_a_time:.1f}x")
     clock = time.perf_counter()
     acc, acc_norm, count = evaluate(net, examples, system.device, system.dtype, system.rank, system.world_size,
                                     args.batch_size, progress=True)
@@ -324,12 +344,8 @@ def run(argv):
 
 
 def main(argv=None):
-    from train_gpt2 import run_main
     run_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    # train_gpt2 imports this file as the module hellaswag: run that module's main, so that one DataError
-    # class, not a second copy in __main__, is raised and caught.
-    import hellaswag
-    hellaswag.main()
+    main()

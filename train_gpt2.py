@@ -45,6 +45,7 @@ preset = ""                      # a named bundle of settings applied first: sha
 # data and output
 data_dir = "edu_fineweb10B"      # directory of token shards (*train*/*val*, .bin or .npy), or a .txt file
 partial_data = False             # train on a shard directory that fineweb.py has not finished (its manifest says so)
+shuffle = True                   # read the training chunks in a new random order each epoch (from seed); False: in file order
 out_dir = "log"                  # checkpoints, log.txt and samples go here; one run per directory
 init_from = "scratch"            # scratch, resume, gpt2[-medium|-large|-xl], a Hugging Face directory, or a checkpoint file
 # model (taken from the model when init_from loads one)
@@ -383,18 +384,24 @@ def to_device(batch, device):
 
 
 class DataLoader:
-    """Micro-batches of (B, T) inputs and targets, read in order from the shards, round and round.
+    """Micro-batches of (B, T) inputs and targets, read from the shards epoch after epoch.
 
-    The data is cut into consecutive chunks of B*T+1 tokens. Each micro-step of the whole job takes the next
-    world_size chunks and rank r keeps the r-th, so ranks never read the same tokens, and an optimizer step
-    covers the same tokens for any split of its micro-batches into processes x accumulation steps.
+    Each shard is cut into consecutive chunks of B*T+1 tokens (a chunk's last token, the target of its last
+    position, is the next chunk's first); a tail shorter than a chunk is skipped. An epoch reads every chunk
+    once: the shards in file order and each shard's chunks in order, or with shuffle a new order of the shards
+    and of each shard's chunks every epoch, drawn from (seed, epoch). Each micro-step of the whole job takes
+    the next world_size chunks of that sequence and rank r keeps the r-th, so ranks never read the same
+    tokens, and an optimizer step covers the same tokens for any split of its micro-batches into processes x
+    accumulation steps.
     """
 
-    def __init__(self, sources, B, T, rank, world_size, vocab_size):
+    def __init__(self, sources, B, T, rank, world_size, vocab_size, shuffle=False, seed=0):
         self.sources, self.B, self.T = sources, B, T
         self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
-        self.lengths = [len(self.open(i, check_ids=False)) for i in range(len(sources))]
-        if max(self.lengths) < B * T + 1:
+        self.shuffle, self.seed = shuffle, seed % 2**64  # numpy refuses a negative seed that torch takes
+        lengths = [len(self.open(i, check_ids=False)) for i in range(len(sources))]
+        self.chunks = [max(0, (n - 1) // (B * T)) for n in lengths]  # chunk k: tokens k*B*T to (k+1)*B*T inclusive
+        if max(self.chunks) == 0:
             raise UserError(f"every shard is shorter than one micro-batch of batch_size x block_size + 1 = {B * T + 1:,} "
                             f"tokens; lower --batch_size or --block_size")
         self.reset()
@@ -403,25 +410,47 @@ class DataLoader:
         source = self.sources[i]
         return source if isinstance(source, np.ndarray) else open_shard(source, self.vocab_size, check_ids)
 
+    def order(self, n, *key):
+        """0 .. n-1, or with shuffle a permutation of them drawn from (seed, *key) alone."""
+        return np.random.default_rng([self.seed, *key]).permutation(n) if self.shuffle else np.arange(n)
+
+    def go_to(self, epoch, shard, chunk):
+        """Point at the chunk-th chunk in the order of the shard-th shard in the epoch's order of shards."""
+        self.epoch, self.shard, self.chunk = epoch, shard, chunk
+        file = self.order(len(self.sources), epoch)[shard]
+        # 1 + file: numpy's seeding ignores trailing zeros, so (seed, epoch, 0) would draw the shards' order again.
+        self.chunk_order = self.order(self.chunks[file], epoch, 1 + file)
+        self.tokens = self.open(file)
+
     def reset(self):
-        self.load_state_dict({"shard": 0, "position": 0})
+        self.go_to(0, 0, 0)
 
     def state_dict(self):
-        return {"shard": self.shard, "position": self.position}
+        """Where the next chunk comes from: the epoch, the index of its shard in the epoch's order of shards,
+        and its index in that shard's order of chunks."""
+        return {"epoch": self.epoch, "shard": self.shard, "chunk": self.chunk}
 
     def load_state_dict(self, state):
-        self.shard, self.position = state["shard"], state["position"]
-        self.tokens = self.open(self.shard)
+        if "position" in state:
+            # Written before shuffling, by a loader that read in file order and counted no epochs: {"shard": file,
+            # "position": token offset in it}. In file order that is epoch 0, that shard, the chunk at that offset,
+            # exactly; with shuffle on, the same place in epoch 0's order, so that the run goes on at the same
+            # progress through the epoch (whose rest may then repeat or miss some chunks).
+            state = {"epoch": 0, "shard": state["shard"], "chunk": -(-state["position"] // (self.B * self.T))}
+        self.go_to(state["epoch"], state["shard"], state["chunk"])
 
     def next_batch(self):
         size = self.B * self.T + 1  # one extra token: the target of the last position
         for r in range(self.world_size):
-            while self.position + size > self.lengths[self.shard]:  # the chunk doesn't fit: next shard
-                self.shard, self.position = (self.shard + 1) % len(self.sources), 0
-                self.tokens = self.open(self.shard)
+            while self.chunk >= len(self.chunk_order):  # this shard is done (or has no chunk): on to the next
+                if self.shard + 1 < len(self.sources):
+                    self.go_to(self.epoch, self.shard + 1, 0)
+                else:
+                    self.go_to(self.epoch + 1, 0, 0)
             if r == self.rank:
-                chunk = torch.from_numpy(self.tokens[self.position:self.position + size].astype(np.int64))
-            self.position += size - 1
+                start = self.chunk_order[self.chunk] * (size - 1)
+                chunk = torch.from_numpy(self.tokens[start:start + size].astype(np.int64))
+            self.chunk += 1
         return chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
 
 # -----------------------------------------------------------------------------
@@ -668,7 +697,8 @@ def train(model, checkpoint, settings, cfg, system, grad_accum_steps):
     say = print if system.master else (lambda *args, **kwargs: None)
     vocab = model.config.vocab_size
     train_sources, val_sources = find_data(cfg.data_dir, vocab, cfg.partial_data)
-    train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
+    train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab,
+                              shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
     hellaswag_examples = load_hellaswag(cfg)
     optimizers, scaler, step_model, ddp_model = training_parts(model, cfg, system)
@@ -890,6 +920,9 @@ def samples(model, cfg, system):
     differ only by the weights."""
     enc = get_tokenizer()
     tokens = enc.encode(cfg.sample_prompt, allowed_special="all") if cfg.sample_prompt else [enc.eot_token]
+    if max(tokens) >= model.config.vocab_size:
+        raise UserError(f"the samples' prompt holds GPT-2 token {max(tokens)}, outside the model's vocab_size "
+                        f"{model.config.vocab_size}; set --num_samples=0 for a model of another vocabulary")
     prompt = torch.tensor(tokens, dtype=torch.long, device=system.device)
     idx = prompt[-model.config.block_size // 2:].repeat(cfg.num_samples, 1)
     generator = torch.Generator(device=system.device).manual_seed(cfg.seed + system.rank)
@@ -1245,15 +1278,17 @@ def micro_batches(cfg, world_size):
 def find_batch_size(model, cfg, system, configured):
     """--batch_size=auto: the largest micro-batch that fits, found by real training steps of the model on the
     device, largest first (eager: the compiled model needs no more memory). The steps run at learning rate 0,
-    so the weights do not move. On a CPU or MPS: the configured default."""
+    so the weights do not move. On a CPU or MPS, no search: the largest candidate up to the configured default."""
     say = print if system.master else (lambda *args, **kwargs: None)
-    if system.device_type != "cuda":
-        say(f"auto batch_size: {configured} (the default: the search runs on CUDA only)")
-        return configured
     candidates = micro_batches(cfg, system.world_size)
     if not candidates:
         raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of block_size x processes = "
                         f"{cfg.block_size} x {system.world_size}; --batch_size=auto needs one")
+    if system.device_type != "cuda":
+        batch = next((b for b in candidates if b <= configured), 1)
+        say(f"auto batch_size: {batch} (the default {configured} or the largest below it that keeps total_batch_size: "
+            f"the search runs on CUDA only)")
+        return batch
     optimizers = configure_optimizers(model, cfg, system.device_type)
     set_lr(optimizers, 0.0, cfg)
     rng, out_of_memory = rng_state(system.device_type), []
@@ -1292,6 +1327,9 @@ def find_batch_size(model, cfg, system, configured):
 
 def out_of_memory_advice(cfg, system):
     """The one line for a CUDA out-of-memory error: a smaller micro-batch that keeps total_batch_size."""
+    if cfg.batch_size == "auto":  # out of memory before the search: the model alone does not fit
+        return (f"out of memory on {system.device} before any micro-batch was tried; try --activation_checkpointing "
+                f"or a smaller model")
     smaller = [b for b in micro_batches(cfg, system.world_size) if b < cfg.batch_size]
     hint = f"try --batch_size={smaller[0]} or --batch_size=auto" if smaller else \
         "try --activation_checkpointing, a shorter --block_size or a smaller model"

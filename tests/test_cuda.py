@@ -23,6 +23,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import hellaswag
 from conftest import ROOT, TINY, read_log, run_script
 from train_gpt2 import GPT, GPTConfig, generate
 
@@ -147,9 +148,10 @@ def train_args(shard_dir, out_dir, *more):
 
 
 def test_float16_with_grad_scaler_takes_steps_and_saves_only_finite_weights(shard_dir, tmp_path):
+    # Eager: this checks the loss scaler, not the compiler (test_compiled_model_matches_eager does that).
     out = tmp_path / "fp16"
-    result = run_script("train_gpt2.py", *train_args(shard_dir, out, "--dtype=float16", "--max_steps=20",
-                                                     "--eval_interval=10", "--checkpoint_interval=5",
+    result = run_script("train_gpt2.py", *train_args(shard_dir, out, "--dtype=float16", "--compile=False",
+                                                     "--max_steps=20", "--eval_interval=10", "--checkpoint_interval=5",
                                                      "--keep_checkpoints=10", "--max_lr=3e-3"))
     assert result.returncode == 0, result.stderr
     assert "float16" in result.stdout
@@ -291,6 +293,27 @@ def test_hellaswag_counts_equal_on_cuda_and_cpu(tmp_path, monkeypatch):
         last_lines[device] = result.stdout.strip().splitlines()[-1]
     assert last_lines[DEVICE].startswith("acc ") and last_lines[DEVICE].endswith(" n 32")
     assert last_lines[DEVICE] == last_lines["cpu"]
+
+
+@cuda_only
+def test_hellaswag_copies_each_batch_in_once_and_the_choices_out_once():
+    from torch.profiler import ProfilerActivity, profile
+    rng = random.Random(0)
+    examples = [hellaswag.Example([rng.randrange(50257) for _ in range(rng.choice([8, 12]))],
+                                  [[rng.randrange(50257) for _ in range(rng.randint(1, 10))] for _ in range(4)],
+                                  rng.randrange(4)) for _ in range(24)]
+    batches = hellaswag.plan_batches(examples, 64, 4)
+    model = small_model().eval()
+    hellaswag.evaluate(model, examples, DEVICE, torch.float32, batch_size=4)  # kernels, allocators warmed up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        hellaswag.evaluate(model, examples, DEVICE, torch.float32, batch_size=4)
+    copies = {event.key: event.count for event in profiler.key_averages() if event.key.startswith("Memcpy")}
+    # One copy per batch, from pinned memory (asynchronous: the host does not wait for the batch before),
+    # and one copy back of all the choices at the end, the only time the host waits.
+    assert sum(count for key, count in copies.items() if key.startswith("Memcpy HtoD")) == len(batches), copies
+    assert all("Pinned" in key for key in copies if key.startswith("Memcpy HtoD")), copies
+    assert sum(count for key, count in copies.items() if key.startswith("Memcpy DtoH")) == 1, copies
 
 
 def test_cached_and_uncached_greedy_generation_agree(exact_float32):

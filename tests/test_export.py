@@ -52,6 +52,13 @@ def test_the_directory_holds_config_weights_and_tokenizer(model, exported):
     assert os.path.isfile(os.path.join(exported, "tokenizer_config.json"))
 
 
+def test_every_exported_file_has_the_usual_mode_of_new_files(exported):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: os.stat(os.path.join(exported, name)).st_mode & 0o777 for name in os.listdir(exported)}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone wrote 0600
+
+
 def test_round_trip_gives_identical_weights(model, exported):
     loaded = GPT.from_pretrained(exported)
     assert loaded.config == model.config

@@ -437,7 +437,7 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_any_set_up(tmp_path
         monkeypatch.setattr(common, "open", read_only_open, raising=False)
     status, stdout, err = run(capsys, "--input", tmp_path / "a.txt", "--out_dir", out)
     assert status == 2
-    assert err.count("\n") == 1 and err.startswith(f"error: --out_dir={out} ") and phrase in err, err
+    assert err.count("\n") == 1 and err.startswith(f"error: --out_dir={out}") and phrase in err, err
     assert (tmp_path / "file").read_text() == "not a directory"
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: these tests never need the hub
 
 import hellaswag  # noqa: E402
+from common import UserError  # noqa: E402
 from conftest import ROOT, run_script  # noqa: E402
 from train_gpt2 import GPT, get_tokenizer  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -179,6 +181,15 @@ def test_padding_changes_no_score(model):
                        [torch.cat(scores) for scores in zip(*alone)])
 
 
+def test_a_batch_goes_to_the_device_as_views_of_one_buffer():
+    contexts, inputs, lengths = [[5, 6, 7], [8, 9, 10]], np.arange(12).reshape(4, 3), [3, 1, 2, 3]
+    on_device = hellaswag.to_device([contexts, inputs, lengths], "cpu")
+    assert [t.tolist() for t in on_device] == [contexts, inputs.tolist(), lengths]
+    assert all(t.dtype == torch.int64 for t in on_device)
+    # One buffer, so one copy on CUDA (tests/test_cuda.py counts the copies there).
+    assert len({t.untyped_storage().data_ptr() for t in on_device}) == 1
+
+
 def test_a_long_example_loses_its_oldest_context_tokens(model):
     context = list(range(1000, 1100))  # 100 tokens; the model's window is 64
     endings = [[7, 8, 9], list(range(2000, 2030)), [11], list(range(3000, 3010))]
@@ -198,12 +209,14 @@ def test_a_long_example_loses_its_oldest_context_tokens(model):
 
 def test_command_line_prints_the_counts_last(capsys, model_dir, data_file, records, reference):
     status, out, err = run_main(capsys, "--model", model_dir, "--data", data_file, "--device", "cpu",
-                                "--batch_size", "4", "--benchmark")
+                                "--batch_size", "4", "--benchmark", "--baseline_examples", "10")
     assert status == 0, err
     acc, acc_norm = accuracies(*reference, [record["label"] for record in records])
     assert out[-1] == f"acc {acc:.4f} acc_norm {acc_norm:.4f} n {NUM_EXAMPLES}"
     assert re.fullmatch(rf"{NUM_EXAMPLES} examples in [\d.]+ s, batch_size 4", out[-2])
-    assert re.fullmatch(r"benchmark: batched [\d.]+ examples/s, one at a time [\d.]+ examples/s, [\d.]+x", out[-3])
+    # The batched evaluator is timed on every example, the slow baseline on the first few only.
+    assert re.fullmatch(rf"benchmark: batched [\d.]+ examples/s \(all {NUM_EXAMPLES}\), one at a time [\d.]+ examples/s "
+                        r"\(the first 10\), [\d.]+x", out[-3])
 
 
 def test_limit_and_a_checkpoint_of_ours(capsys, tmp_path, model, data_file, examples):
@@ -235,7 +248,7 @@ def test_download_writes_the_cache_whole(monkeypatch, tmp_path, records):
     monkeypatch.setattr(hellaswag, "DATA_URL", (tmp_path.as_uri() + "/"))
     monkeypatch.setenv(hellaswag.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(hellaswag.SPLIT_SIZES, "val", NUM_EXAMPLES + 1)
-    with pytest.raises(hellaswag.DataError, match=rf"has {NUM_EXAMPLES} lines, not the {NUM_EXAMPLES + 1}"):
+    with pytest.raises(UserError, match=rf"has {NUM_EXAMPLES} lines, not the {NUM_EXAMPLES + 1}"):
         hellaswag.download("val")
     assert os.listdir(tmp_path / "cache") == []  # nothing half-written left behind
 
@@ -267,7 +280,7 @@ def test_offline_without_data_says_where_to_get_it(capsys, monkeypatch, tmp_path
 def test_a_bad_record_names_its_file_and_line(tmp_path, records, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(records[0]) + "\n\n" + line + "\n")
-    with pytest.raises(hellaswag.DataError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
         hellaswag.load_examples(get_tokenizer(), str(path))
 
 

@@ -225,7 +225,7 @@ def test_sigterm_saves_and_exits_zero(shard_dir, tmp_path):
     [path] = glob.glob(str(tmp_path / "ckpt_*.pt"))
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["step"] >= 4 and path.endswith(f"{checkpoint['step']:07d}.pt")
-    assert checkpoint["loader"]["position"] > 0
+    assert checkpoint["loader"]["chunk"] > 0
 
 
 def test_end_to_end_on_input_txt(input_txt, tmp_path):

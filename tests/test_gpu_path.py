@@ -1,0 +1,100 @@
+"""What a reading of the CUDA path found, checked where a CPU reaches it: MFU per device under several
+processes, a torch without Muon, --batch_size=auto and out-of-memory errors, checkpoints mapped rather than read."""
+import os
+import re
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from conftest import TINY, run_script
+import train_gpt2
+from train_gpt2 import GPT, GPTConfig
+
+
+def test_mfu_is_per_device_and_tokens_per_second_for_the_job_and_per_process():
+    # GPT-2 124M's 524,288 tokens a step in 0.1 s on 8 GPUs: 5.2M tok/s for the job, 655k per GPU.
+    flops_per_token, peak = 6 * 124e6, 989e12
+    job, per_process, mfu = train_gpt2.speed(524288, 0.1, 8, flops_per_token, peak)
+    assert job == pytest.approx(5_242_880) and per_process == pytest.approx(655_360)
+    assert mfu == pytest.approx(100 * flops_per_token * 655_360 / peak)  # ~49%, not 8 x that
+    assert train_gpt2.speed(524288, 0.1, 1, flops_per_token, peak)[2] == pytest.approx(8 * mfu)
+    assert train_gpt2.speed(524288, 0.1, 8, flops_per_token, None)[2] is None
+
+
+def test_peak_flops_setting_gives_an_mfu_on_any_device(tmp_path):
+    result = run_script("train_gpt2.py", *TINY, "--benchmark", "--peak_flops=1e9", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    line = [line for line in result.stdout.splitlines() if "ms/step" in line][-1]
+    ms, tokens, per_process, mfu = re.match(
+        r"benchmark: ([\d.]+) ms/step \| ([\d,]+) tok/s \| ([\d,]+) tok/s per process \| mfu ([\d.]+)% per process", line).groups()
+    flops_per_token = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256)).flops_per_token()
+    assert tokens == per_process  # one process
+    # The printed MFU is the printed speed's FLOPs over the given peak, to the rounding of the figures.
+    assert float(mfu) == pytest.approx(100 * flops_per_token * 256 / (float(ms) / 1000) / 1e9, rel=0.02, abs=0.06)
+
+
+def test_without_torch_optim_muon_adamw_trains_and_muon_is_one_line(shard_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")  # as on torch 2.8 and older
+    train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'a'}", "--max_steps=2"])
+    assert "ckpt_0000002.pt" in os.listdir(tmp_path / "a")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'b'}", "--optimizer=muon"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert f"--optimizer=muon needs torch 2.9 or newer (this is torch {torch.__version__})" in err
+
+
+def test_the_micro_batches_that_keep_the_total_are_the_powers_of_two_that_divide_it():
+    cfg = type("Cfg", (), dict(total_batch_size=524288, block_size=1024))
+    assert train_gpt2.micro_batches(cfg, 1) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert train_gpt2.micro_batches(cfg, 8) == [64, 32, 16, 8, 4, 2, 1]
+    cfg.total_batch_size = 3 * 1024 * 4  # 12 sequences: 4, 2 and 1 divide it; 8 does not
+    assert train_gpt2.micro_batches(cfg, 1) == [4, 2, 1]
+    cfg.total_batch_size = 1000  # not whole sequences
+    assert train_gpt2.micro_batches(cfg, 1) == []
+
+
+def test_batch_size_auto_on_a_cpu_takes_the_configured_default(shard_dir, tmp_path):
+    result = run_script("train_gpt2.py", *TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path}", "--max_steps=1",
+                        "--batch_size=auto")
+    assert result.returncode == 0, result.stderr
+    # The default, 64 sequences, is more than TINY's 256-token step holds (8 of 32): 8, in one micro-step.
+    assert "auto batch_size: 8 (the default 64 or the largest below it that keeps total_batch_size" in result.stdout
+    assert "1 processes x 1 micro-steps x 8 x 32 tokens = 256 tokens per step" in result.stdout
+    help_text = run_script("train_gpt2.py", "--help").stdout
+    assert "auto: the largest that fits (on CUDA; elsewhere the default)" in help_text
+
+
+def test_batch_size_auto_with_a_preset_takes_the_presets_micro_batch(input_txt, tmp_path):
+    result = run_script("train_gpt2.py", "--preset=shakespeare", "--batch_size=auto", "--benchmark", "--device=cpu",
+                        "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--total_batch_size=256")
+    assert result.returncode == 0, result.stderr
+    assert "auto batch_size: 8 (the default 8 or" in result.stdout
+
+
+def test_out_of_memory_in_a_run_is_one_line_with_a_micro_batch_that_fits_the_total(shard_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.15 GiB")
+    monkeypatch.setattr(train_gpt2, "train_step", out_of_memory)
+    with pytest.raises(SystemExit) as exit:
+        train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path}", "--batch_size=4",
+                         "--total_batch_size=512"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "out of memory on cpu with micro-batch 4 x 32 tokens; try --batch_size=2 or --batch_size=auto" in err
+    assert "(gradient accumulation keeps total_batch_size=512)" in err
+
+
+def test_a_checkpoint_is_mapped_from_its_file_not_read_whole(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256))
+    path = tmp_path / "ckpt_0000001.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 1}, path)
+    checkpoint = train_gpt2.load_checkpoint(str(path))
+    weight = checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"]
+    assert torch.equal(weight, model.transformer.h[0].mlp.c_fc.weight.detach())
+    # The file is mapped into this process: its bytes stay in the page cache, which every process shares.
+    assert str(path) in open("/proc/self/maps").read()
+
