@@ -37,13 +37,22 @@ def shard_dir(tmp_path):
     return data
 
 
-@pytest.fixture(scope="session")
-def input_txt():
-    """Tiny Shakespeare in the repository root, where the README's commands expect it."""
+def pytest_sessionstart(session):
+    """Tiny Shakespeare in the repository root, where the README's commands expect it, before any test runs:
+    copied under a name of this process's and renamed, so that test processes running side by side (pytest -n)
+    never read a half-copied file, nor see it appear in the middle of a test."""
     path = os.path.join(ROOT, "input.txt")
     shared = os.path.join(ROOT, "..", "shared", "data", "input.txt")
     if not os.path.exists(path) and os.path.exists(shared):
-        shutil.copy(shared, path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        shutil.copy(shared, tmp)
+        os.replace(tmp, path)
+
+
+@pytest.fixture(scope="session")
+def input_txt():
+    """Tiny Shakespeare in the repository root (pytest_sessionstart put it there if ../shared has it)."""
+    path = os.path.join(ROOT, "input.txt")
     if not os.path.exists(path):
         pytest.skip("input.txt is missing (python train_gpt2.py --preset=shakespeare downloads it)")
     return path
