@@ -522,7 +522,8 @@ def setup_system(cfg):
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     device_type = device_type_of(device)
     dtype = pick_dtype(cfg.dtype, device_type)
-    fsdp = cfg.fsdp and dist.is_initialized() and not (cfg.eval_only or cfg.export_hf)
+    # sample.py and hellaswag.py share this set-up and have no fsdp setting: they never shard.
+    fsdp = getattr(cfg, "fsdp", False) and dist.is_initialized() and not (cfg.eval_only or cfg.export_hf)
     if fsdp and dtype == torch.float16:
         raise UserError("--fsdp trains in bfloat16 or float32, not float16 (whose loss scaler would judge each "
                         "process's shard of the gradients apart): set --dtype=bfloat16, or --dtype=float32 on older GPUs")
