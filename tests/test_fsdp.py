@@ -172,3 +172,18 @@ def test_what_fsdp_refuses_is_one_line(flag, message, tmp_path, capsys):
         train_gpt2.main([*TINY, "--fsdp", flag, f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+def test_every_rank_scores_as_many_hellaswag_batches(monkeypatch):
+    # Three batches (one context length each) on two ranks: rank 1 scores one batch more, then drops it, because
+    # a sharded model's every forward pass is a collective of all ranks.
+    import hellaswag
+    examples = [hellaswag.Example([1] * n, [[2]] * hellaswag.NUM_ENDINGS, 0) for n in (3, 4, 5)]
+    scored = []
+    monkeypatch.setattr(hellaswag, "score_batch", lambda model, batch, *args: scored.append(len(batch)) or
+                        (torch.zeros(len(batch), hellaswag.NUM_ENDINGS),) * 2)
+    monkeypatch.setattr(hellaswag.dist, "all_reduce", lambda counts: None)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=16, vocab_size=8, n_layer=1, n_head=1, n_embd=4))
+    counts = [hellaswag.evaluate(model, examples, "cpu", torch.float32, rank=rank, world_size=2, batch_size=1)[2]
+              for rank in (0, 1)]
+    assert counts == [2, 1] and scored == [1, 1, 1, 1]  # rank 0: two batches; rank 1: one, and one again
