@@ -245,13 +245,19 @@ def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=ba
     copy, and the choices come back in one copy at the end: until then the host never synchronizes with
     the device, so it prepares the next batches while the device scores this one.
     """
-    batches = plan_batches(examples, model.config.block_size, batch_size)[rank::world_size]
+    every_batch = plan_batches(examples, model.config.block_size, batch_size)
+    batches = every_batch[rank::world_size]
+    # A model sharded by FSDP gathers its weights from every rank at each forward pass: a rank with one batch
+    # fewer than the others scores one more, the first, and drops it, so that all make as many passes.
+    spare = every_batch[:1] * (-(-len(every_batch) // world_size) - len(batches))
     choices = []  # per batch, (E, 2): the ending of lowest total loss, of lowest loss per token
     with _progress_bar(sum(map(len, batches)), progress and rank == 0) as bar:
         for batch in batches:
             total, mean = score_batch(model, [examples[i] for i in batch], device, dtype)
             choices.append(torch.stack([total.argmin(dim=1), mean.argmin(dim=1)], dim=1))
             bar.update(len(batch))  # handed to the device, which may be a few batches behind
+        for batch in spare:
+            score_batch(model, [examples[i] for i in batch], device, dtype)
     labels = torch.tensor([examples[i].label for batch in batches for i in batch], dtype=torch.long)
     chosen = torch.cat(choices).cpu() if choices else torch.zeros(0, 2, dtype=torch.long)
     counts = torch.cat([(chosen == labels[:, None]).sum(dim=0), torch.tensor([len(labels)])])  # by total, by mean, all

@@ -22,6 +22,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -30,6 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from common import (UserError, atomic_write, check_token_ids, check_writable_dir, device_type_of, download,
                     first_on_each_node, free_bytes, get_tokenizer, gpt2_bpe_files, lock_dir, open_shard,
@@ -90,6 +95,7 @@ keep_checkpoints = 3             # how many of the newest checkpoints to keep in
 device = ""                      # cuda, cuda:N, mps or cpu; empty: the best available
 dtype = ""                       # bfloat16, float16 or float32; empty: the best the device supports
 compile = None                   # torch.compile the model; None: on for CUDA, off elsewhere
+fsdp = False                     # under torchrun, shard weights, gradients and AdamW state across processes (FSDP2), not copy them (DDP)
 seed = 1337                      # seeds every random number generator (each rank adds its rank)
 peak_flops = 0.0                 # FLOP/s of one device, for MFU; 0: from the GPU's name (H100, A100, ...)
 # modes
@@ -503,7 +509,8 @@ def set_lr(optimizers, lr, cfg):
 
 def setup_system(cfg):
     """Processes, device and precision from torchrun's environment and the settings, as a namespace:
-    rank, local_rank, world_size, master, device, device_type, dtype, autocast."""
+    rank, local_rank, world_size, master, device, device_type, dtype, autocast, fsdp (whether training shards
+    the model: --fsdp under torchrun; one process started without torchrun has nothing to shard)."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = pick_device(cfg.device)
     cuda = device.startswith("cuda")
@@ -515,10 +522,16 @@ def setup_system(cfg):
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     device_type = device_type_of(device)
     dtype = pick_dtype(cfg.dtype, device_type)
+    # sample.py and hellaswag.py share this set-up and have no fsdp setting: they never shard.
+    fsdp = getattr(cfg, "fsdp", False) and dist.is_initialized() and not (cfg.eval_only or cfg.export_hf)
+    if fsdp and dtype == torch.float16:
+        raise UserError("--fsdp trains in bfloat16 or float32, not float16 (whose loss scaler would judge each "
+                        "process's shard of the gradients apart): set --dtype=bfloat16, or --dtype=float32 on older GPUs")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)  # float32: no mixed precision
+    # float32: no mixed precision. Under FSDP the gathered weights themselves are cast (shard_model): no autocast.
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32 and not fsdp)
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
-                           device_type=device_type, dtype=dtype, autocast=autocast)
+                           device_type=device_type, dtype=dtype, autocast=autocast, fsdp=fsdp)
 
 
 def on_rank_zero(function, system):
@@ -552,10 +565,36 @@ def compiles(cfg, system):
     return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
 
 
+def shard_model(model, compile_blocks, dtype):
+    """FSDP2, in place: each block is one unit, whose weights are gathered from every process just before its
+    forward and its backward pass and freed after, and whose gradients are reduce-scattered back into shards;
+    the root unit holds the rest (the embeddings with the tied head, the last LayerNorm). Each process keeps
+    1/processes of the weights, gradients and optimizer state. With dtype below float32, the gathered weights
+    are cast to it, and the gradients are reduced in float32 into the float32 shards the optimizer steps."""
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+    with torch.no_grad():  # every rank initialized its own model: all start from rank 0's, as DDP's do
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+    # The logits that forward returns are a slice of the padded vocabulary: FSDP warns that an in-place change
+    # to such a view would escape its hooks, and nothing here changes them in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in model.transformer.h:
+        if compile_blocks:
+            block.compile()  # before sharding, so that the compiled code runs between FSDP's hooks, not through them
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for method in ("hidden_states", "logits"):  # generation and HellaSwag call these, not forward
+        register_fsdp_forward_method(model, method)
+    return model
+
+
 def wrap_for_training(model, cfg, system):
     """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the
     compiler then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass.
-    Evaluation, sampling and checkpoints use the plain model."""
+    Evaluation, sampling and checkpoints use the plain model. Under FSDP the model is sharded in place (and
+    compiled block by block): the training steps, evaluation and checkpoints all go through it."""
+    if system.fsdp:
+        return shard_model(model, compiles(cfg, system), system.dtype), None
     ddp_model = None
     if dist.is_initialized():
         model = ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -567,10 +606,12 @@ def wrap_for_training(model, cfg, system):
 
 def training_parts(model, cfg, system):
     """What a training step needs: (optimizers, loss scaler (active for float16 only), the module to step
-    through, its DDP wrapper or None)."""
+    through, its DDP wrapper or None). The optimizers come after the wrapping: FSDP replaces the parameters
+    by their shards (DTensors), and those are what the optimizers must hold."""
+    step_model, ddp_model = wrap_for_training(model, cfg, system)
     optimizers = configure_optimizers(model, cfg, system.device_type)
     scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
-    return (optimizers, scaler, *wrap_for_training(model, cfg, system))
+    return optimizers, scaler, step_model, ddp_model
 
 
 def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, autocast, device, grad_clip,
@@ -586,7 +627,9 @@ def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, a
             return None
         x, y = to_device(loader.next_batch(), device)
         if ddp_model is not None:
-            # All-reduce the gradients only once they are complete, on the last micro-step's backward.
+            # All-reduce the gradients only once they are complete, on the last micro-step's backward. FSDP
+            # reduce-scatters at every micro-step instead: holding them whole until the last would put a full
+            # float32 copy of the gradients on every process, the memory that sharding is there to save.
             ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         with autocast:
             loss = model(x, y)[1]  # the logits are not kept: (B, T, vocab) would live on into the next micro-step
@@ -594,12 +637,23 @@ def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, a
         loss = loss / grad_accum_steps
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
-    if ddp_model is not None:
+    if dist.is_initialized():
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     for optimizer in optimizers:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm = clip_gradients(list(model.parameters()), grad_clip if grad_clip > 0 else float("inf"))
     return loss_sum, norm
+
+
+def clip_gradients(parameters, max_norm):
+    """Scale the gradients down so that their global norm is at most max_norm; returns the norm before, a
+    device tensor. Under FSDP each process holds shards: the norm of its shards is a partial one (a DTensor),
+    made whole across the processes by full_tensor() before it scales anything."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 def apply_update(optimizers, scaler, loss, norm, failures, say):
@@ -616,6 +670,23 @@ def apply_update(optimizers, scaler, loss, norm, failures, say):
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     return failures
+
+
+def training_bytes(model, optimizers, device):
+    """(weights, gradients, optimizer state): the bytes that the process holding the most of them holds, from
+    the shapes of its parameters (of its shards, under FSDP). A gradient is as large as its weight; AdamW keeps
+    two moments of each of its parameters and Muon one of each matrix, from the first step on."""
+    def local_bytes(p):
+        p = p.to_local() if isinstance(p, DTensor) else p
+        return p.numel() * p.element_size()
+    weights = sum(local_bytes(p) for p in model.parameters())
+    gradients = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
+    state = sum((2 if isinstance(o, torch.optim.AdamW) else 1) * local_bytes(p)
+                for o in optimizers for group in o.param_groups for p in group["params"])
+    sizes = torch.tensor([weights, gradients, state], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    return [int(n) for n in sizes.tolist()]
 
 
 def stop_signals():
@@ -720,6 +791,10 @@ def train(model, checkpoint, settings, cfg, system, grad_accum_steps):
     say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
         f"{cfg.batch_size} x {cfg.block_size} tokens = {tokens_per_step:,} tokens per step | {system.device}, "
         f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
+    weights, gradients, state = training_bytes(model, optimizers, system.device)
+    say(f"memory per process: {weights / 1e9:.3g} GB weights + {gradients / 1e9:.3g} GB gradients + {state / 1e9:.3g} GB "
+        f"optimizer state = {(weights + gradients + state) / 1e9:.3g} GB before activations "
+        f"({'sharded by FSDP' if system.fsdp else 'a whole copy on each process'}; from the shapes)")
     if system.master:
         check_room(cfg.out_dir, model, cfg.keep_checkpoints, len(run.checkpoints))
     if run.step == 0:
@@ -927,7 +1002,8 @@ def samples(model, cfg, system):
     idx = prompt[-model.config.block_size // 2:].repeat(cfg.num_samples, 1)
     generator = torch.Generator(device=system.device).manual_seed(cfg.seed + system.rank)
     model.eval()
-    with system.autocast:
+    # Under FSDP the blocks are compiled in place: a cache one position longer at each token would recompile them.
+    with system.autocast, torch.compiler.set_stance("force_eager"):
         tokens = torch.stack(list(generate(model, idx, cfg.sample_length, top_k=50, generator=generator)), dim=1)
     model.train()
     return [enc.decode(row) for row in torch.cat([idx, tokens], dim=1).tolist()]
@@ -952,12 +1028,14 @@ def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log):
     log.record(step, "val", val_loss, [f"perplexity {perplexity:.2f}"], {"perplexity": perplexity})
     if hellaswag_examples is not None:
         model.eval()
-        acc, acc_norm, count = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype,
-                                                  rank=system.rank, world_size=system.world_size)
+        with torch.compiler.set_stance("force_eager"):  # FSDP's compiled blocks would recompile at each batch shape
+            acc, acc_norm, count = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype,
+                                                      rank=system.rank, world_size=system.world_size)
         model.train()
         log.record(step, "hella", acc_norm, [f"acc {acc:.4f} over {count} examples"], {"acc": acc})
-    texts = samples(model, cfg, system) if cfg.num_samples > 0 and system.master else []
-    for i, text in enumerate(texts):
+    # Rank 0 samples; under FSDP every rank takes part, each forward pass gathering the weights from them all.
+    texts = samples(model, cfg, system) if cfg.num_samples > 0 and (system.master or system.fsdp) else []
+    for i, text in enumerate(texts if system.master else []):
         print(f"sample {i}: {text}")
     log.evaluated(step, texts)
     return val_loss
@@ -1052,16 +1130,17 @@ def save_training_state(run, settings, cfg, system, say, val_loss=None):
     """A checkpoint of everything the run needs to go on exactly where it is; never of non-finite weights.
     Keeps the newest keep_checkpoints of this run's checkpoints, and the one with the best validation loss.
     Returns whether a checkpoint was written."""
-    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+    if not weights_finite(run.model, system.device):
         say(f"step {run.step}: the model has non-finite weights; no checkpoint written")
         return False
     rng = gather_rng_states(system.device_type)  # every rank takes part
+    model_state, optimizer_states = full_state_dicts(run.model, run.optimizers, system.fsdp)  # every rank too
     if not system.master:
         return True
     path = os.path.join(cfg.out_dir, f"ckpt_{run.step:07d}.pt")
     if val_loss is not None and (run.best is None or val_loss <= run.best["val_loss"]):
         run.best = {"file": os.path.basename(path), "val_loss": val_loss}
-    state = {"model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
+    state = {"model": model_state, "optimizers": optimizer_states,
              "scaler": run.scaler.state_dict(), "config": asdict(run.model.config), "settings": settings,
              "step": run.step, "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss,
              "best_val_loss": run.best_val_loss, "best": run.best, "run_id": run.run_id, "wandb_id": run.wandb_id}
@@ -1076,13 +1155,66 @@ def save_training_state(run, settings, cfg, system, say, val_loss=None):
     return True
 
 
+def weights_finite(model, device):
+    """Whether every weight is finite, on every process: under FSDP each process sees only its own shards."""
+    finite = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in model.parameters())
+    finite = torch.tensor(float(finite), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def parameter_names(model, optimizer):
+    """The names of the optimizer's parameters, in the order that numbers them in its state dict."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state_dicts(model, optimizers, sharded):
+    """(the model's state dict, [each optimizer's]) in the one format every checkpoint has: whole tensors, the
+    optimizers' state keyed by parameter number as torch.optim writes it, so that a run of one process, DDP or
+    FSDP on any number of processes loads it. A sharded model's are gathered from every process (all must call
+    this) onto rank 0's CPU, one tensor at a time; the other ranks get empty ones."""
+    if not sharded:
+        return model.state_dict(), [o.state_dict() for o in optimizers]
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    first_name = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # the head is the embedding: one tensor again
+        first_name.setdefault(p, name)
+        if name in model_state:
+            model_state[name] = model_state[first_name[p]]
+    optimizer_states = []
+    for optimizer in optimizers:
+        by_name = get_optimizer_state_dict(model, optimizer, options=options)
+        names = parameter_names(model, optimizer)
+        numbers = iter(range(len(names)))
+        optimizer_states.append({
+            "state": {i: by_name["state"][name] for i, name in enumerate(names) if name in by_name.get("state", {})},
+            "param_groups": [{**group, "params": [next(numbers) for _ in group["params"]]}
+                             for group in by_name.get("param_groups", [])]})
+    return model_state, optimizer_states
+
+
+def load_optimizer_state(model, optimizer, state, sharded):
+    """Load an optimizer's state dict as full_state_dicts writes it (and every checkpoint before FSDP did).
+    A sharded model's optimizer takes it keyed by parameter name, and each process keeps its shards of it."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    names = parameter_names(model, optimizer)
+    by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def restore_training_state(run, checkpoint, system, say):
     """Optimizers, loss scaler, data position, step and random states from a checkpoint of this run."""
     if "optimizers" not in checkpoint:
         raise UserError("the newest checkpoint holds a model but no training state to resume; start a new run "
                         "from its weights with --init_from=PATH_OF_THE_CHECKPOINT")
     for optimizer, state in zip(run.optimizers, checkpoint["optimizers"], strict=True):
-        optimizer.load_state_dict(state)
+        load_optimizer_state(run.model, optimizer, state, system.fsdp)
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.train_loader.load_state_dict(checkpoint["loader"])
     run.step, run.best_val_loss, run.wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("wandb_id")
@@ -1393,6 +1525,12 @@ def check_settings(cfg):
                         f"n_embd / n_head channels; try --n_head={nearest}")
     if cfg.optimizer not in ("adamw", "muon"):
         raise UserError(f"--optimizer takes adamw or muon, not '{cfg.optimizer}'")
+    if cfg.fsdp and cfg.optimizer == "muon":
+        raise UserError("--fsdp does not run --optimizer=muon: Muon orthogonalizes whole matrices, and FSDP leaves "
+                        "each process a shard of each; use --optimizer=adamw with --fsdp, or Muon without --fsdp")
+    if cfg.fsdp and cfg.batch_size == "auto":
+        raise UserError("--batch_size=auto does not search under --fsdp (it tries the whole model on one GPU); "
+                        "give --batch_size=N")
     if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise UserError(f"--optimizer=muon needs torch 2.9 or newer (this is torch {torch.__version__}): "
                         f"pip install -U torch, or train with --optimizer=adamw")
@@ -1433,6 +1571,9 @@ def start(argv):
     check_settings(cfg)  # before anything slow; again once a loaded model gives the shape
     system = setup_system(cfg)
     training = not (cfg.export_hf or cfg.benchmark or cfg.eval_only)
+    if cfg.fsdp and (training or cfg.benchmark) and not system.fsdp:
+        print("--fsdp: one process has nothing to shard, so it runs as a single process; "
+              "start it with torchrun --nproc_per_node=N to shard the model across N")
     owned, succeeded = None, False  # owned: rank 0's (lock, whether it made out_dir) while it trains
     if training:
         owned = on_rank_zero(lambda: claim_out_dir(cfg.out_dir, resuming, checkpoint["step"] if resuming else None), system)
