@@ -108,7 +108,7 @@ PRESETS = {
     # A 7M-parameter model (6.4M of it the embedding) on tiny Shakespeare, sized for a 2-core CPU.
     "shakespeare": dict(
         data_dir="input.txt", out_dir="log/shakespeare", n_layer=4, n_head=4, n_embd=128,
-        block_size=128, batch_size=8, total_batch_size=1024, max_steps=250, warmup_steps=25,
+        block_size=128, batch_size=4, total_batch_size=1024, max_steps=250, warmup_steps=25,
         max_lr=2e-3, min_lr=2e-4, eval_interval=50, eval_iters=8, checkpoint_interval=250,
         hellaswag=False, num_samples=1, sample_length=64, sample_prompt="ROMEO:",
     ),

@@ -71,7 +71,7 @@ def test_batch_size_auto_with_a_preset_takes_the_presets_micro_batch(input_txt, 
     result = run_script("train_gpt2.py", "--preset=shakespeare", "--batch_size=auto", "--benchmark", "--device=cpu",
                         "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--total_batch_size=256")
     assert result.returncode == 0, result.stderr
-    assert "auto batch_size: 8 (the default 8 or" in result.stdout
+    assert "auto batch_size: 4 (the default 4 or" in result.stdout
 
 
 def test_out_of_memory_in_a_run_is_one_line_with_a_micro_batch_that_fits_the_total(shard_dir, tmp_path, capsys,

@@ -18,6 +18,13 @@ from train_gpt2 import GPT, GPTConfig, choose_token, generate, load_model  # noq
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def away_from_the_repository(tmp_path, monkeypatch):
+    """Run in an empty directory: sample.py's default out_dir, log/, is then empty, whatever runs a developer
+    keeps in the repository's own log/ (which sample.py would otherwise find and say so)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
