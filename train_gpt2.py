@@ -810,9 +810,9 @@ def train(model, checkpoint, settings, cfg, system, grad_accum_steps):
                                 system.autocast, system.device, cfg.grad_clip, stopped)
         except UserError as e:  # a bad shard met on the way: keep the steps done so far, then stop with its message
             rewind(run, start)
-            saved = save_training_state(run, settings, cfg, system, say)
-            raise UserError(f"{e}; {'the steps up to ' + str(run.step) + ' are saved: ' if saved else ''}remake that "
-                            f"shard, then resume with --init_from=resume --out_dir={cfg.out_dir}") from None
+            saved = f"the steps up to {run.step} are saved: " if save_training_state(run, settings, cfg, system, say) else ""
+            raise UserError(f"{e}; {saved}remake that shard, then resume with --init_from=resume "
+                            f"--out_dir={cfg.out_dir}") from None
         if result is None:  # a stop signal between micro-steps: the unfinished step is dropped
             rewind(run, start)
             stop_now(run, settings, cfg, system, say)
