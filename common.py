@@ -14,6 +14,7 @@ import errno
 import fcntl
 import glob
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -63,25 +64,31 @@ def settings_of(namespace):
             and isinstance(value, (bool, int, float, str, list, type(None)))}
 
 
-def parse_command_line(argv, defaults, doc, source, presets=None, positional=None, aliases=None, auto=()):
-    """(settings, given): the defaults updated from argv, and the names argv gave.
+def parse_command_line(argv, defaults, doc, source, positional=None, aliases=None, auto=(), config_files=False):
+    """(settings, sources): the defaults updated from argv, and where each setting that argv changed came
+    from: the config file that set it ('config/shakespeare.py'), or its flag ('--max_steps').
 
     Every script reads its command line alike: --name=value or --name value, typed like the default;
     a bare --name sets a boolean; a list takes the values up to the next --name; --help prints the settings.
     positional, if given, names the list setting that words without a -- go to; aliases maps short flags
-    to settings ({"-o": "output"}). With presets, --preset applies its bundle first and flags still win.
-    The settings named in auto also take the word auto (--batch_size=auto), for the script to resolve."""
-    given, args = {}, list(argv)
+    to settings ({"-o": "output"}). With config_files, a word without a -- is a config file of `name = value`
+    lines (read_config_file), applied in order before every flag, wherever it stands. The settings named in
+    auto also take the word auto (--batch_size=auto), for the script to resolve."""
+    given, from_files, args = {}, {}, list(argv)
     while args:
         arg = args.pop(0)
         if arg in (aliases or {}):
             arg = "--" + aliases[arg]
         if arg in ("-h", "--help"):
-            print(help_text(defaults, doc, source, presets), flush=True)
+            print(help_text(defaults, doc, source), flush=True)
             sys.exit(0)
         if not arg.startswith("--"):
+            if config_files and (arg.endswith(".py") or os.path.isfile(arg)):
+                from_files.update({name: (value, arg) for name, value in read_config_file(arg, defaults, auto).items()})
+                continue
             if positional is None:
-                raise UserError(f"cannot read '{arg}': write settings as --name=value or --name value (see --help)")
+                raise UserError(f"cannot read '{arg}': write settings as --name=value or --name value"
+                                + (", or name a config file (config/NAME.py)" if config_files else "") + " (see --help)")
             given.setdefault(positional, []).append(arg)
             continue
         name, eq, text = arg[2:].partition("=")
@@ -100,19 +107,108 @@ def parse_command_line(argv, defaults, doc, source, presets=None, positional=Non
         if not eq:
             if isinstance(default, bool) or default is None:
                 text = args.pop(0) if args and args[0] in ("True", "False", "None") else "True"  # a bare --flag
-            elif not args:
-                raise UserError(f"--{name} takes a value: --{name}=VALUE or --{name} VALUE")
+            elif not args or args[0].startswith("--"):
+                raise UserError(f"--{name} has no value: write --{name}=VALUE or --{name} VALUE")
             else:
                 text = args.pop(0)
         given[name] = "auto" if name in auto and text == "auto" else parse_value(name, text, default)
-    settings = dict(defaults)
-    if presets is not None and given.get("preset", defaults["preset"]):
-        name = given.get("preset", defaults["preset"])
-        if name not in presets:
-            raise UserError(f"unknown preset '{name}'; the presets are: {', '.join(presets)}")
-        settings.update(presets[name])
-    settings.update(given)
-    return settings, set(given)
+    settings = {**defaults, **{name: value for name, (value, _) in from_files.items()}, **given}
+    sources = {**{name: path for name, (_, path) in from_files.items()}, **{name: f"--{name}" for name in given}}
+    return settings, sources
+
+
+def read_config_file(path, defaults, auto=()):
+    """{name: value} of a config file: plain Python of `name = value` lines (as nanoGPT's config/*.py), each
+    value a literal (a number, a string, True, False, None, a list). It is read, never run: anything else in
+    it (an import, a call, arithmetic) is refused with one line naming the file and line."""
+    import ast
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid Python ({e.msg})") from None
+    settings = {}
+    for statement in tree.body:
+        where = f"{path}:{statement.lineno}"
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)):
+            raise UserError(f"{where}: a config file holds only `name = value` lines, each value a literal")
+        name = statement.targets[0].id
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            raise UserError(f"{where}: unknown setting '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        try:
+            value = ast.literal_eval(statement.value)
+        except ValueError:
+            raise UserError(f"{where}: {name} = {ast.unparse(statement.value)}: the value must be a literal "
+                            f"(a number, a string, True, False, None or a list), not an expression") from None
+        settings[name] = check_type(name, value, defaults[name], where, auto)
+    return settings
+
+
+def check_type(name, value, default, where, auto=()):
+    """value, if it has the type of the setting's default (an int is a float too); else one error line."""
+    if name in auto and value == "auto":
+        return value
+    if isinstance(default, bool) or default is None:
+        ok = isinstance(value, bool) or (default is None and value is None)
+    elif isinstance(default, float):
+        ok, value = isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if \
+            isinstance(value, (int, float)) else value
+    else:
+        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+    if not ok:
+        raise UserError(f"{where}: {name} = {value!r}: it takes {type_name(default)}, like its default {default!r}")
+    return value
+
+
+def type_name(default):
+    if isinstance(default, bool) or default is None:
+        return "True or False" + (" or None" if default is None else "")
+    return {int: "a whole number", float: "a number", str: "a string", list: "a list"}[type(default)]
+
+
+def settings_for_run(settings, given, saved, defaults, script, modes=(), shape=()):
+    """(settings, lines to print). A new run (saved None) prints each setting that differs from the script's
+    constants (defaults), with where its value came from, so that an edit at the top that a config file or a
+    flag overrides is seen at once. A resumed run goes on with the settings saved in its checkpoint, but for
+    those of modes (what this invocation does); those given now override them, and each change is said."""
+    if saved is None:
+        lines = [f"  {name} = {settings[name]!r}".ljust(44) + f"# {given[name]}" for name in defaults
+                 if name in given and settings[name] != defaults[name]]
+        return settings, [f"settings that differ from the top of {script}:", *lines] if lines else []
+    saved = {name: value for name, value in saved.items() if name in defaults and name not in modes}
+    if "optimizer" in given and settings["optimizer"] != saved.get("optimizer", "adamw"):
+        raise UserError(f"the run used --optimizer={saved.get('optimizer', 'adamw')} (given {settings['optimizer']}); "
+                        f"its checkpoint holds that optimizer's state: leave out --optimizer to resume")
+    changes = [f"changed: --{name} {saved[name]} -> {settings[name]}" for name in sorted(given)
+               if name in saved and saved[name] != settings[name] and name not in shape]
+    return {**settings, **saved, **{name: settings[name] for name in given}}, changes
+
+
+RANGE_WORDS = {">= 1": "1 or more", ">= 0": "0 or more", "> 0": "a number above 0",
+               "[0, 1)": "a number at least 0 and below 1"}
+RANGE_TESTS = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
+               "[0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_ranges(settings, ranges):
+    """Refuse a setting outside its range ({name: '>= 1', '>= 0', '> 0' or '[0, 1)'}) with one line that says
+    the range; a number must be finite. The word auto passes: the script resolves it."""
+    for name, kind in ranges.items():
+        value = settings[name]
+        if value == "auto":
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"--{name}={value}: it takes a finite number ({RANGE_WORDS[kind]})")
+        if not RANGE_TESTS[kind](value):
+            raise UserError(f"--{name}={value}: it takes {RANGE_WORDS[kind]}")
 
 
 def parse_value(name, text, default):
@@ -135,7 +231,7 @@ def parse_value(name, text, default):
         raise UserError(f"--{name} takes {kind}, not '{text}'") from None
 
 
-def help_text(defaults, doc, source, presets=None):
+def help_text(defaults, doc, source):
     """The script's docstring, then every setting with its default and the comment beside it in the script."""
     with open(source, encoding="utf-8") as f:
         comments = dict(re.findall(r"^(\w+) = .*?#\s*(.*)$", f.read(), flags=re.M))
@@ -143,8 +239,6 @@ def help_text(defaults, doc, source, presets=None):
     for name, default in defaults.items():
         shown = " ".join(default) if isinstance(default, list) else default
         lines.append(f"  {'--' + name + '=' + str(shown):<34} {comments.get(name, '')}")
-    if presets:
-        lines.append(f"\npresets: {', '.join(presets)}")
     return "\n".join(lines)
 
 
@@ -259,10 +353,15 @@ def lock_dir(directory, what):
     if os.fstat(f.fileno()).st_nlink == 0:  # its holder removed it (unlock_dir) after we opened it: lock the new one
         f.close()
         return lock_dir(directory, what)
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+    except OSError as e:
+        f.close()
+        raise UserError(f"cannot write {path} ({e.strerror}); free some space on its disk, or write somewhere "
+                        f"else") from None
     return f
 
 
@@ -271,6 +370,98 @@ def unlock_dir(lock):
     locked, so that a process that opened it meanwhile finds it removed (lock_dir checks) and locks a new one."""
     os.remove(lock.name)
     lock.close()
+
+
+# -----------------------------------------------------------------------------
+# A training run's directory: one run owns it, its checkpoints ckpt_{step}.pt, and the room they need
+
+
+def checkpoint_paths(out_dir):
+    """The checkpoints in out_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt")))
+
+
+def step_of(path):
+    """The step of a checkpoint file, from its name ckpt_0000250.pt."""
+    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
+
+
+def claim_out_dir(out_dir, resuming, resume_step):
+    """Own out_dir for a training run, before anything slow: a writable directory that no other run is writing
+    (a lock that the OS releases when the process dies) and that holds no checkpoints of another run (the log
+    of a run that saved none is set aside).
+    Going back to an older checkpoint of the run sets the later ones aside, never over files set aside before.
+    Returns (the lock file, whether out_dir was made here), for release_out_dir."""
+    made = not os.path.exists(out_dir)
+    check_writable_dir(out_dir, "out_dir")
+    lock = None
+    try:
+        lock = lock_dir(out_dir, "another training run")
+        removed = sweep_temporary_files(out_dir)
+        if removed:
+            print(f"removed {len(removed)} unfinished file(s) of killed processes from {out_dir}")
+        paths = checkpoint_paths(out_dir)
+        if paths and not resuming:
+            raise UserError(f"{out_dir} holds the checkpoints of another run (the newest: {os.path.basename(paths[-1])}); "
+                            f"to go on with it: --init_from=resume --out_dir={out_dir}; to start a new run, name "
+                            f"another --out_dir or delete {out_dir}")
+        old_log = os.path.join(out_dir, "log.txt")
+        if not resuming and os.path.exists(old_log):  # a run that saved no checkpoint: its log is not this run's
+            kept = unused_name(old_log + ".old")
+            os.replace(old_log, kept)
+            print(f"{out_dir} held the log.txt of an earlier run with no checkpoint: kept as {os.path.basename(kept)}")
+        later = [path for path in paths if resuming and step_of(path) > resume_step]
+        for path in later:
+            os.replace(path, unused_name(path + ".abandoned"))
+        if later:
+            print(f"going back to step {resume_step}: set aside {len(later)} later checkpoint(s) of the run as "
+                  f"*.pt.abandoned* (delete them when you no longer want them)")
+    except BaseException:
+        release_out_dir(out_dir, lock, made, succeeded=False)
+        raise
+    return lock, made
+
+
+def unused_name(path):
+    """path, or path.1, path.2, ...: the first that names no file yet."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+def release_out_dir(out_dir, lock, made, succeeded):
+    """Let go of out_dir. One that this run made and that holds nothing of it (the run failed or was stopped
+    during set-up) goes too."""
+    if lock is not None:
+        lock.close()
+    if made and not succeeded and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {".lock"}:
+        if os.path.exists(os.path.join(out_dir, ".lock")):
+            os.remove(os.path.join(out_dir, ".lock"))
+        os.rmdir(out_dir)
+
+
+def check_room(out_dir, checkpoint_bytes, keep, existing):
+    """Warn, before the first save, if the disk cannot hold keep + 1 checkpoints (the newest is written before
+    the oldest is removed)."""
+    needed, free = max(0, keep + 1 - existing) * checkpoint_bytes, free_bytes(out_dir)
+    if free < needed:
+        print(f"warning: {out_dir} has {free / 1e9:.2f} GB free, but {keep + 1} checkpoints of ~{checkpoint_bytes / 1e9:.2f} "
+              f"GB need {needed / 1e9:.2f} GB more; free some space or lower --keep_checkpoints")
+
+
+def next_commands(out_dir):
+    """What to do with a run once it ends: the commands for its own out_dir."""
+    import shlex
+    d = shlex.quote(out_dir)
+    return "\n".join([
+        "next:",
+        f"  python sample.py --out_dir={d}                                   # sample from the newest checkpoint",
+        f"  python plot.py {d}                                               # draw the curves",
+        f"  python train_gpt2.py --init_from=resume --out_dir={d} --max_steps=N   # train further",
+        f"  python train_gpt2.py --init_from=resume --out_dir={d} --export_hf={shlex.quote(os.path.join(out_dir, 'hf'))}"
+        f"   # a Hugging Face model"])
 
 
 def download(url, path, sha256=None):
@@ -300,6 +491,79 @@ def first_on_each_node():
     finally:
         if dist.is_initialized() and not waits:
             dist.barrier()
+
+
+def on_rank_zero(function, master):
+    """function() on rank 0 (master) only. A UserError there is raised on every process, so that none is
+    left waiting at a collective for one that has stopped."""
+    import torch.distributed as dist
+    result, error = None, None
+    if master:
+        try:
+            result = function()
+        except UserError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+class Stopped(Exception):
+    """A stop signal reached a process during an evaluation: the run saves its last finished step and exits."""
+
+
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C), as a flag that every process reads alike: the run then saves
+    its last finished step at once and exits with status 0. Under torchrun, reading it takes an all-reduce and
+    a wait for the device, so that a long step or evaluation looks at it every few seconds, not at every
+    micro-batch (check_every); a step's end reads it together with the loss (step_end)."""
+    SECONDS = 5.0  # torchrun kills its workers 30 s after the signal: a look at the flag at least this often
+
+    def __init__(self, system):
+        import signal
+        self.requested, self.system, self.every = [], system, 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: self.requested.append(signum))
+
+    def now(self):
+        """Whether any process got a signal (a collective under torchrun: every process must ask alike)."""
+        import torch
+        import torch.distributed as dist
+        if self.system.world_size == 1:
+            return bool(self.requested)
+        flag = torch.tensor(float(bool(self.requested)), device=self.system.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def check_every(self, i):
+        """Whether to look at the flag before the i-th micro-batch of a step or an evaluation (i > 0)."""
+        return self.system.world_size == 1 or i % self.every == 0
+
+    def step_end(self, loss_sum, seconds_per_micro_step):
+        """(mean loss over the processes, whether any process got a signal), in one all-reduce and one wait;
+        the micro-batches between looks at the flag are set from the processes' mean time per micro-batch."""
+        import torch
+        import torch.distributed as dist
+        if self.system.world_size == 1:
+            return loss_sum.item(), bool(self.requested)
+        packed = torch.stack([loss_sum, torch.tensor(float(bool(self.requested)), device=loss_sum.device),
+                              torch.tensor(seconds_per_micro_step, device=loss_sum.device)])
+        dist.all_reduce(packed)  # summed: the loss and the time are means once divided, the flag is any
+        loss, stop, seconds = (packed / self.system.world_size).tolist()
+        self.every = max(1, int(self.SECONDS / max(seconds, 1e-6)))
+        return loss, stop > 0
+
+
+def duration(seconds):
+    """4h05m, 12m30s or 42s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def device_type_of(device):
@@ -413,6 +677,24 @@ def open_shard(path, vocab_size, check_ids=True):
     if check_ids:
         check_token_ids(path, tokens, vocab_size)
     return tokens
+
+
+def check_manifest(data_dir, partial_data):
+    """fineweb.py writes manifest.json beside its shards and marks it complete at the end: an unfinished
+    corpus is refused, unless partial_data says that what is there will do."""
+    import json
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return  # shards made by another tool
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); run fineweb.py again to remake it") from None
+    if not manifest.get("complete", True) and not partial_data:
+        raise UserError(f"{data_dir} is unfinished: its manifest.json lists {len(manifest.get('shards', []))} shards "
+                        f"of a corpus that fineweb.py has not finished; run the same fineweb.py command again to "
+                        f"finish it (it resumes), or train on what is there with --partial_data")
 
 
 def check_token_ids(name, tokens, vocab_size):

@@ -10,7 +10,7 @@ with GPT-2 and GPT-3.
 The method is build-nanogpt's, so the figures compare with its published ones: each ending is scored
 by the cross-entropy of its own tokens (" " + ending) after the context; acc counts the examples whose
 lowest total loss is the right ending, acc_norm those whose lowest loss per token is.
-train_gpt2.py calls load_examples() once and evaluate() at every evaluation, with its own model and
+train_gpt2.py calls load_for_training() once and evaluate() at every evaluation, with its own model and
 tokenizer: this module needs nothing from it but for its command line, which loads a model.
 """
 
@@ -135,6 +135,16 @@ def load_examples(tokenizer, path="", split="val"):
     return [Example(context, endings[i * NUM_ENDINGS:(i + 1) * NUM_ENDINGS], label)
             for i, (context, (_, _, label)) in enumerate(zip(contexts, records))]
 
+def load_for_training(path=""):
+    """The trainer's examples: the validation split (path, or downloaded into the cache), tokenized by GPT-2's
+    tokenizer; one process per node downloads, the others then find the file."""
+    from common import first_on_each_node
+    with first_on_each_node():
+        try:
+            return load_examples(get_tokenizer(), path)
+        except UserError as e:
+            raise UserError(f"{e}; or turn HellaSwag off with --hellaswag=False") from None
+
 # -----------------------------------------------------------------------------
 # Scoring
 
@@ -236,8 +246,10 @@ def _progress_bar(total, enabled):
     return tqdm(total=total, unit="ex", desc="hellaswag", disable=not enabled, file=sys.stderr)
 
 
-def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=batch_size, progress=False):
-    """(acc, acc_norm, number of examples) over all examples, on every rank.
+def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=batch_size, progress=False,
+             stop=None):
+    """(acc, acc_norm, number of examples) over all examples, on every rank; None if stop(i), asked before
+    the i-th batch (i > 0) alike on every rank, says to stop (the trainer's stop signals).
 
     model: the uncompiled, unwrapped module in eval mode (a compiled one would recompile for each new
     batch shape). With world_size > 1, torch.distributed must be initialized: each rank scores its
@@ -252,12 +264,13 @@ def evaluate(model, examples, device, dtype, rank=0, world_size=1, batch_size=ba
     spare = every_batch[:1] * (-(-len(every_batch) // world_size) - len(batches))
     choices = []  # per batch, (E, 2): the ending of lowest total loss, of lowest loss per token
     with _progress_bar(sum(map(len, batches)), progress and rank == 0) as bar:
-        for batch in batches:
-            total, mean = score_batch(model, [examples[i] for i in batch], device, dtype)
-            choices.append(torch.stack([total.argmin(dim=1), mean.argmin(dim=1)], dim=1))
-            bar.update(len(batch))  # handed to the device, which may be a few batches behind
-        for batch in spare:
-            score_batch(model, [examples[i] for i in batch], device, dtype)
+        for i, batch in enumerate(batches + spare):
+            if i > 0 and stop is not None and stop(i):
+                return None
+            total, mean = score_batch(model, [examples[j] for j in batch], device, dtype)
+            if i < len(batches):
+                choices.append(torch.stack([total.argmin(dim=1), mean.argmin(dim=1)], dim=1))
+                bar.update(len(batch))  # handed to the device, which may be a few batches behind
     labels = torch.tensor([examples[i].label for batch in batches for i in batch], dtype=torch.long)
     chosen = torch.cat(choices).cpu() if choices else torch.zeros(0, 2, dtype=torch.long)
     counts = torch.cat([(chosen == labels[:, None]).sum(dim=0), torch.tensor([len(labels)])])  # by total, by mean, all

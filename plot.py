@@ -9,7 +9,8 @@ Left panel: the training loss of every step (faint) and its moving average, and 
 each evaluation. Right panel, where a log has HellaSwag records: acc_norm at each evaluation, beside
 GPT-2's and GPT-3's.
 train_gpt2.py calls refresh_curves(out_dir) after every evaluation, so {out_dir}/curves.png follows
-the run while it goes on. WandbRun is the trainer's Weights & Biases run (its --wandb_project setting).
+the run while it goes on. RunLog writes the trainer's log.txt, and WandbRun is its Weights & Biases run
+(its --wandb_project setting).
 Importing this file does nothing: matplotlib and wandb are imported when they are used.
 """
 
@@ -274,6 +275,36 @@ class WandbRun:
 
     def finish(self):
         self._run.finish()
+
+
+class RunLog:
+    """The records of a training run, each (step, kind, value): a line `{step} {kind} {value}` in a file
+    (build-nanogpt's log.txt format, which read_log reads), the same line with its details on the console,
+    and everything to W&B when a run is attached (train/loss, val/loss, hella/acc_norm, then train/lr and so
+    on). Only rank 0 writes (enabled); the others keep quiet. With curves, each evaluation redraws curves.png."""
+    VALUE_NAMES = {"train": "loss", "val": "loss", "hella": "acc_norm"}
+
+    def __init__(self, path, enabled, wandb_run=None, curves=False):
+        self.path, self.enabled, self.wandb_run, self.curves = path, enabled, wandb_run, curves
+
+    def record(self, step, kind, value, details=(), metrics=None):
+        """details: (text, ...) for the console only; metrics: {name: number} for W&B only."""
+        if not self.enabled:
+            return
+        line = f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}"
+        print(" | ".join([line, *details]), flush=True)
+        with open(self.path, "a") as f:  # append: a resumed run adds to the run's log
+            f.write(line + "\n")
+        if self.wandb_run is not None:
+            metrics = {f"{kind}/{name}": number for name, number in (metrics or {}).items()}
+            self.wandb_run.log({f"{kind}/{self.VALUE_NAMES[kind]}": value, **metrics}, step=step)
+
+    def evaluated(self, step, samples):
+        """After an evaluation: the samples to W&B, and curves.png beside the log redrawn (never an error)."""
+        if self.enabled and self.wandb_run is not None and samples:
+            self.wandb_run.log_samples(step, samples)
+        if self.enabled and self.curves:
+            refresh_curves(os.path.dirname(self.path))
 
 
 # -----------------------------------------------------------------------------

@@ -1,20 +1,21 @@
 """
 Train GPT-2 from scratch, or from OpenAI's weights, on uint16 token shards.
 
-    python train_gpt2.py --preset=shakespeare         # a small model on input.txt, a few CPU minutes
+    python train_gpt2.py config/shakespeare.py        # a small model on input.txt, a few CPU minutes
     python train_gpt2.py                              # GPT-2 124M on FineWeb-Edu 10B (python fineweb.py first)
     torchrun --nproc_per_node=8 train_gpt2.py         # the same on 8 GPUs
     python train_gpt2.py --init_from=resume --out_dir=log/shakespeare   # go on where a run stopped
     python train_gpt2.py --help                       # every setting, its default and what it does
 
-The constants below are the interface: edit them, or override any of them as --name=value or --name value.
-The file reads top to bottom: settings, model, data, schedule and optimizer, training, evaluation,
-checkpoints, the other modes (evaluation only, benchmark, --batch_size=auto), main. What every script shares
-(the command line, errors, file writes, devices, the tokenizer) is in common.py.
+The constants below are the settings. A config file (plain `name = value` lines, as config/shakespeare.py)
+and then --name=value flags override them, and a run prints every setting that differs from this file and
+where its value came from. The file reads top to bottom: settings, model, data, schedule and optimizers,
+training, evaluation, checkpoints, main. What every script shares is in common.py; what serves one mode or
+backend has a file of its own: fsdp.py (--fsdp), huggingface.py (OpenAI's weights, --export_hf) and
+bench/speed.py (--benchmark, --profile, --batch_size=auto).
 """
 
 import glob
-import json
 import math
 import os
 import secrets
@@ -22,7 +23,6 @@ import shlex
 import signal
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -31,22 +31,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
-from common import (UserError, atomic_write, check_token_ids, check_writable_dir, device_type_of, download,
-                    first_on_each_node, free_bytes, get_tokenizer, gpt2_bpe_files, lock_dir, open_shard,
-                    parse_command_line, pick_device, pick_dtype, run_main, settings_of, sweep_temporary_files)
-from hellaswag import evaluate as hellaswag_evaluate, load_examples as load_hellaswag_examples
-from plot import WandbRun, refresh_curves
+import bench.speed as bench_speed
+from bench.speed import device_peak_flops, speed
+from common import (StopSignals, Stopped, UserError, atomic_write, check_manifest, check_ranges, check_room,
+                    check_token_ids, check_writable_dir, checkpoint_paths, claim_out_dir, device_type_of, download, duration,
+                    first_on_each_node, get_tokenizer, next_commands, on_rank_zero, open_shard, parse_command_line, pick_device,
+                    pick_dtype, release_out_dir, run_main, settings_for_run, settings_of,
+                    split_text_tokens)
+from fsdp import full_state_dicts, load_optimizer_state, local, memory_per_process, shard_model, whole
+from hellaswag import evaluate as hellaswag_evaluate, load_for_training as load_hellaswag_examples
+from plot import RunLog, WandbRun
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B.
-# The comment after each constant is its --help text.
+# The comment after each constant is its --help text. Edit them here, set them in a config file of
+# `name = value` lines (config/shakespeare.py), or pass --name=value: the flags win, then the config files.
 
-preset = ""                      # a named bundle of settings applied first: shakespeare
 # data and output
 data_dir = "edu_fineweb10B"      # directory of token shards (*train*/*val*, .bin or .npy), or a .txt file
 partial_data = False             # train on a shard directory that fineweb.py has not finished (its manifest says so)
@@ -103,19 +104,9 @@ eval_only = False                # evaluate the model (validation loss, HellaSwa
 benchmark = False                # time training steps on random tokens and print tokens/s, MFU, memory
 profile = ""                     # with benchmark: write a torch.profiler trace of 3 steps into this directory
 export_hf = ""                   # write the model as a Hugging Face directory here and exit
-
-PRESETS = {
-    # A 7M-parameter model (6.4M of it the embedding) on tiny Shakespeare, sized for a 2-core CPU.
-    "shakespeare": dict(
-        data_dir="input.txt", out_dir="log/shakespeare", n_layer=4, n_head=4, n_embd=128,
-        block_size=128, batch_size=4, total_batch_size=1024, max_steps=250, warmup_steps=25,
-        max_lr=2e-3, min_lr=2e-4, eval_interval=50, eval_iters=8, checkpoint_interval=250,
-        hellaswag=False, num_samples=1, sample_length=64, sample_prompt="ROMEO:",
-    ),
-}
 SETTINGS = settings_of(globals())
 # What a run is, as opposed to what this invocation does: a resumed run takes these from its checkpoint.
-MODES = ("preset", "init_from", "eval_only", "benchmark", "profile", "export_hf")
+MODES = ("init_from", "eval_only", "benchmark", "profile", "export_hf")
 SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
 
 # Where tiny Shakespeare comes from when input.txt is missing, and what it must hash to.
@@ -135,6 +126,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     activation_checkpointing: bool = False
+    tie_head: bool = True    # the output head is the token embedding, as in GPT-2
 
     @property
     def padded_vocab_size(self):
@@ -223,7 +215,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # the output head is the token embedding
+        if config.tie_head:
+            self.transformer.wte.weight = self.lm_head.weight  # the output head is the token embedding
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -254,8 +247,9 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def logits(self, hidden):
-        """(..., n_embd) -> (..., vocab_size). The padded rows are cut off: no padded id is ever predicted."""
-        return self.lm_head(hidden)[..., :self.config.vocab_size]
+        """(..., n_embd) -> (..., vocab_size): only the real rows of the padded head, so that no padded id is
+        ever predicted, and the logits come out whole rather than as a slice to be copied."""
+        return F.linear(hidden, self.lm_head.weight[:self.config.vocab_size])
 
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, vocab_size), and the mean cross-entropy if targets (B, T) are given."""
@@ -275,55 +269,16 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face hub, or a local directory
-        written by transformers' save_pretrained."""
-        from transformers import GPT2LMHeadModel
-        quiet_transformers()
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:
-            raise UserError(f"cannot load Hugging Face model '{name_or_dir}': {str(e).splitlines()[0]}") from None
-        hc = hf.config
-        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
-                           n_head=hc.n_head, n_embd=hc.n_embd, dropout=dropout)
-        model = cls(config)
-        model.load_hf_state_dict(hf.state_dict())
-        return model
-
-    # OpenAI's checkpoints use Conv1D, which stores these weights as (in, out): nn.Linear wants (out, in).
-    CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-    def load_hf_state_dict(self, hf_state):
-        """Copy a GPT2LMHeadModel state dict into this model."""
-        own = self.state_dict()
-        hf_state = {k: v for k, v in hf_state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face hub, or a directory that
+        transformers' save_pretrained wrote; huggingface.py converts the layout."""
+        from huggingface import load_gpt2
+        config, state = load_gpt2(name_or_dir)
+        model = cls(GPTConfig(**config, dropout=dropout))
+        own = model.state_dict()
         with torch.no_grad():
-            for key, value in hf_state.items():
-                if key == "lm_head.weight":
-                    continue  # tied to wte
-                if key.endswith(self.CONV1D_WEIGHTS):
-                    value = value.t()
-                target = own[key]
-                target[:value.shape[0]].copy_(value)  # wte may be padded: the extra rows stay
-        return self
-
-    def hf_state_dict(self):
-        """This model's weights in GPT2LMHeadModel's layout: Conv1D transposed, vocabulary unpadded."""
-        state = {}
-        for key, value in self.state_dict().items():
-            if key.endswith(self.CONV1D_WEIGHTS):
-                value = value.t()
-            elif key in ("transformer.wte.weight", "lm_head.weight"):
-                value = value[:self.config.vocab_size]
-            state[key] = value.contiguous()
-        return state
-
-
-def quiet_transformers():
-    """transformers' progress bars and notes would bury our own messages."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+            for key, value in state.items():
+                own[key][:value.shape[0]].copy_(value)  # the vocabulary may be padded: the extra rows stay
+        return model
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards, memory-mapped, or a .txt file tokenized in memory
@@ -344,16 +299,17 @@ def find_data(data_dir, vocab_size, partial_data=False):
         if len(tokens) == 0:
             raise UserError(f"data_dir {data_dir} is empty")
         check_token_ids(data_dir, tokens, vocab_size)
-        split = int(0.9 * len(tokens))  # the first 90% for training, the last 10% for validation (as fineweb.py)
-        return [tokens[:split]], [tokens[split:]]
+        train, val = split_text_tokens(tokens)  # the last tenth validates, as with fineweb.py --input FILE.txt
+        return [train], [val]
     if os.path.isfile(data_dir):
-        raise UserError(f"data_dir {data_dir} is a file but not a .txt file; give a text file (.txt) or a "
-                        f"directory of token shards (python fineweb.py --input {data_dir} makes one from most formats)")
+        raise UserError(f"data_dir {data_dir} is a file but not a .txt file; give a text file (.txt) or a directory "
+                        f"of token shards (python fineweb.py --input {data_dir} makes one from most formats)")
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir {data_dir} does not exist; make the shards with python fineweb.py, "
                         f"or point --data_dir at a shard directory or a .txt file")
     check_manifest(data_dir, partial_data)
-    shards = sorted(glob.glob(os.path.join(glob.escape(data_dir), "*.bin")) + glob.glob(os.path.join(glob.escape(data_dir), "*.npy")))
+    pattern = os.path.join(glob.escape(data_dir), "*")
+    shards = sorted(glob.glob(pattern + ".bin") + glob.glob(pattern + ".npy"))
     train = [s for s in shards if "train" in os.path.basename(s)]
     val = [s for s in shards if "val" in os.path.basename(s)]
     if not train or not val:
@@ -362,23 +318,6 @@ def find_data(data_dir, vocab_size, partial_data=False):
     for shard in shards:
         open_shard(shard, vocab_size, check_ids=False)  # headers and sizes now; token ids when each is opened
     return train, val
-
-
-def check_manifest(data_dir, partial_data):
-    """fineweb.py writes manifest.json beside its shards and marks it complete at the end: an interrupted
-    corpus is refused, unless partial_data says that what is there will do."""
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        return  # shards made by another tool
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({e}); run fineweb.py again to remake it") from None
-    if not manifest.get("complete", True) and not partial_data:
-        raise UserError(f"{data_dir} is unfinished: its manifest.json lists {len(manifest.get('shards', []))} shards "
-                        f"of a corpus that fineweb.py has not finished; run the same fineweb.py command again to "
-                        f"finish it (it resumes), or train on what is there with --partial_data")
 
 
 def to_device(batch, device):
@@ -437,11 +376,7 @@ class DataLoader:
         return {"epoch": self.epoch, "shard": self.shard, "chunk": self.chunk}
 
     def load_state_dict(self, state):
-        if "position" in state:
-            # Written before shuffling, by a loader that read in file order and counted no epochs: {"shard": file,
-            # "position": token offset in it}. In file order that is epoch 0, that shard, the chunk at that offset,
-            # exactly; with shuffle on, the same place in epoch 0's order, so that the run goes on at the same
-            # progress through the epoch (whose rest may then repeat or miss some chunks).
+        if "position" in state:  # written before epochs were counted: {"shard", "position": token offset}
             state = {"epoch": 0, "shard": state["shard"], "chunk": -(-state["position"] // (self.B * self.T))}
         self.go_to(state["epoch"], state["shard"], state["chunk"])
 
@@ -460,7 +395,7 @@ class DataLoader:
         return chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
 
 # -----------------------------------------------------------------------------
-# Schedule and optimizer
+# Schedule and optimizers
 
 
 def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
@@ -476,8 +411,9 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 def configure_optimizers(model, cfg, device_type):
     """The optimizers of a run, stepped together: [AdamW], or with --optimizer=muon [Muon, AdamW], Muon taking
     the weight matrices inside the blocks and AdamW the embeddings (and the tied head), biases and LayerNorm
-    gains. AdamW decays its matrices and embeddings; biases and gains stay free. On CUDA the fused AdamW
-    kernel updates every parameter in one launch."""
+    gains. AdamW decays its matrices and embeddings; biases and gains stay free. Each group keeps its peak
+    rate as peak_lr: the schedule scales them all alike. On CUDA the fused AdamW updates every parameter in
+    one launch."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = []
     if cfg.optimizer == "muon":
@@ -487,21 +423,13 @@ def configure_optimizers(model, cfg, device_type):
         optimizers.append(torch.optim.Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                                            weight_decay=cfg.muon_weight_decay, adjust_lr_fn="match_rms_adamw"))
         params = [p for p in params if not any(p is m for m in matrices)]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return optimizers + [torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                           fused=device_type == "cuda")]
-
-
-def set_lr(optimizers, lr, cfg):
-    """One schedule drives every optimizer, in configure_optimizers' order: with Muon first, at lr scaled to its
-    own peak muon_lr; AdamW at lr."""
-    scales = ([cfg.muon_lr / cfg.max_lr] if cfg.optimizer == "muon" else []) + [1.0]
-    for optimizer, scale in zip(optimizers, scales, strict=True):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizers.append(torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                        fused=device_type == "cuda"))
+    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+        group["peak_lr"] = group["lr"]
+    return optimizers
 
 # -----------------------------------------------------------------------------
 # Training: processes and devices, the step, and the loop
@@ -511,7 +439,8 @@ def setup_system(cfg):
     """Processes, device and precision from torchrun's environment and the settings, as a namespace:
     rank, local_rank, world_size, master, device, device_type, dtype, autocast, fsdp (whether training shards
     the model: --fsdp under torchrun; one process started without torchrun has nothing to shard)."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world_size = (int(os.environ.get(k, 0 if k != "WORLD_SIZE" else 1))
+                                    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(cfg.device)
     cuda = device.startswith("cuda")
     if cuda:
@@ -534,24 +463,6 @@ def setup_system(cfg):
                            device_type=device_type, dtype=dtype, autocast=autocast, fsdp=fsdp)
 
 
-def on_rank_zero(function, system):
-    """function() on rank 0 only. A UserError there is raised on every process, so that none is left waiting
-    at a collective for one that has stopped."""
-    result, error = None, None
-    if system.master:
-        try:
-            result = function()
-        except UserError as e:
-            error = str(e)
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
 def grad_accum_steps_for(cfg, world_size):
     """Micro-steps per optimizer step, so that processes x micro-steps x batch_size x block_size = total_batch_size."""
     micro_batch = cfg.batch_size * cfg.block_size * world_size
@@ -565,204 +476,67 @@ def compiles(cfg, system):
     return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
 
 
-def shard_model(model, compile_blocks, dtype):
-    """FSDP2, in place: each block is one unit, whose weights are gathered from every process just before its
-    forward and its backward pass and freed after, and whose gradients are reduce-scattered back into shards;
-    the root unit holds the rest (the embeddings with the tied head, the last LayerNorm). Each process keeps
-    1/processes of the weights, gradients and optimizer state. With dtype below float32, the gathered weights
-    are cast to it, and the gradients are reduced in float32 into the float32 shards the optimizer steps."""
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
-    with torch.no_grad():  # every rank initialized its own model: all start from rank 0's, as DDP's do
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor, src=0)
-    # The logits that forward returns are a slice of the padded vocabulary: FSDP warns that an in-place change
-    # to such a view would escape its hooks, and nothing here changes them in place.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for block in model.transformer.h:
-        if compile_blocks:
-            block.compile()  # before sharding, so that the compiled code runs between FSDP's hooks, not through them
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    for method in ("hidden_states", "logits"):  # generation and HellaSwag call these, not forward
-        register_fsdp_forward_method(model, method)
-    return model
-
-
 def wrap_for_training(model, cfg, system):
-    """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the
-    compiler then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass.
-    Evaluation, sampling and checkpoints use the plain model. Under FSDP the model is sharded in place (and
-    compiled block by block): the training steps, evaluation and checkpoints all go through it."""
+    """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the compiler
+    then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass. Under
+    FSDP the model is sharded in place and compiled block by block. Evaluation, sampling and checkpoints use
+    the plain model (the sharded one, under FSDP)."""
     if system.fsdp:
         return shard_model(model, compiles(cfg, system), system.dtype), None
     ddp_model = None
     if dist.is_initialized():
         model = ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[system.local_rank] if system.device_type == "cuda" else None, gradient_as_bucket_view=True)
-    if compiles(cfg, system):
-        model = torch.compile(model)
-    return model, ddp_model
+    return (torch.compile(model) if compiles(cfg, system) else model), ddp_model
 
 
-def training_parts(model, cfg, system):
-    """What a training step needs: (optimizers, loss scaler (active for float16 only), the module to step
-    through, its DDP wrapper or None). The optimizers come after the wrapping: FSDP replaces the parameters
-    by their shards (DTensors), and those are what the optimizers must hold."""
-    step_model, ddp_model = wrap_for_training(model, cfg, system)
-    optimizers = configure_optimizers(model, cfg, system.device_type)
-    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
-    return optimizers, scaler, step_model, ddp_model
-
-
-def train_step(model, ddp_model, optimizers, scaler, loader, grad_accum_steps, autocast, device, grad_clip,
-               stopped=None):
-    """Forward and backward over grad_accum_steps micro-batches, then clip. Returns the mean loss (averaged
-    over ranks) and the gradient norm as device tensors; apply_update decides whether to step. Returns None
-    if stopped() turns true between two micro-steps: the step is dropped, its gradients discarded."""
-    loss_sum = torch.zeros((), device=device)
+def train_step(step, model, ddp_model, optimizers, scaler, loader, cfg, system, grad_accum_steps, stops):
+    """One optimizer step, all of it: the schedule's learning rate, grad_accum_steps micro-batches forward and
+    backward, the gradients clipped, then the update, skipped if the loss or the gradient norm is not finite.
+    Returns (loss, gradient norm, learning rate, whether a stop signal came, whether the weights were updated),
+    or None when a signal comes between two micro-steps: that unfinished step is dropped, its gradients
+    discarded."""
+    lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
+    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+        group["lr"] = lr * group["peak_lr"] / cfg.max_lr  # one schedule, each group at its own peak
+    loss_sum, t0 = torch.zeros((), device=system.device), time.time()
     for micro_step in range(grad_accum_steps):
-        if micro_step > 0 and stopped is not None and stopped():
+        if micro_step > 0 and stops is not None and stops.check_every(micro_step) and stops.now():
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             return None
-        x, y = to_device(loader.next_batch(), device)
+        x, y = to_device(loader.next_batch(), system.device)
         if ddp_model is not None:
             # All-reduce the gradients only once they are complete, on the last micro-step's backward. FSDP
             # reduce-scatters at every micro-step instead: holding them whole until the last would put a full
             # float32 copy of the gradients on every process, the memory that sharding is there to save.
             ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-        with autocast:
+        with system.autocast:
             loss = model(x, y)[1]  # the logits are not kept: (B, T, vocab) would live on into the next micro-step
         # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
         loss = loss / grad_accum_steps
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     for optimizer in optimizers:
         scaler.unscale_(optimizer)
-    norm = clip_gradients(list(model.parameters()), grad_clip if grad_clip > 0 else float("inf"))
-    return loss_sum, norm
-
-
-def clip_gradients(parameters, max_norm):
-    """Scale the gradients down so that their global norm is at most max_norm; returns the norm before, a
-    device tensor. Under FSDP each process holds shards: the norm of its shards is a partial one (a DTensor),
-    made whole across the processes by full_tensor() before it scales anything."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-    return norm
-
-
-def apply_update(optimizers, scaler, loss, norm, failures, say):
-    """Step the optimizers, unless the loss or the gradient norm is not finite: such an update is skipped.
-    Returns how many updates in a row have now been skipped."""
-    if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    # Under FSDP each process holds shards: whole() sums their partial norms across the processes.
+    norm = whole(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+    torch.nn.utils.clip_grads_with_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), norm)
+    seconds = (time.time() - t0) / grad_accum_steps
+    loss, stop = (loss_sum.item(), False) if stops is None else stops.step_end(loss_sum, seconds)
+    norm = norm.item()  # with the loss: the one wait for the device in a step
+    updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())
+    if updated:
         for optimizer in optimizers:
             scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
-        failures = 0
-    else:
-        failures += 1
-        say(f"loss {loss}, gradient norm {norm}: update skipped")
     scaler.update()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    return failures
+    return loss, norm, lr, stop, updated
 
 
-def training_bytes(model, optimizers, device):
-    """(weights, gradients, optimizer state): the bytes that the process holding the most of them holds, from
-    the shapes of its parameters (of its shards, under FSDP). A gradient is as large as its weight; AdamW keeps
-    two moments of each of its parameters and Muon one of each matrix, from the first step on."""
-    def local_bytes(p):
-        p = p.to_local() if isinstance(p, DTensor) else p
-        return p.numel() * p.element_size()
-    weights = sum(local_bytes(p) for p in model.parameters())
-    gradients = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
-    state = sum((2 if isinstance(o, torch.optim.AdamW) else 1) * local_bytes(p)
-                for o in optimizers for group in o.param_groups for p in group["params"])
-    sizes = torch.tensor([weights, gradients, state], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-    return [int(n) for n in sizes.tolist()]
-
-
-def stop_signals():
-    """A list that SIGTERM (preemption) and SIGINT (Ctrl-C) append to: the loop then saves the last finished
-    step at once, without evaluating, and exits with status 0."""
-    requested = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: requested.append(signum))
-    return requested
-
-
-def any_process_stopped(requested, device):
-    """A device tensor, 1 if a signal reached any process: they all stop at the same step."""
-    stop = torch.tensor(float(bool(requested)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-    return stop
-
-
-def step_start(run, device_type):
-    """What a dropped step must go back to: the data position and the random states at its start."""
-    return run.train_loader.state_dict(), rng_state(device_type)
-
-
-def rewind(run, start):
-    loader_state, rng = start
-    run.train_loader.load_state_dict(loader_state)
-    set_rng_state(rng)
-    for optimizer in run.optimizers:
-        optimizer.zero_grad(set_to_none=True)
-
-
-# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
-# name found in torch.cuda.get_device_name() wins, so the more specific names come first.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-              "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
-
-
-def device_peak_flops(device, setting=0.0):
-    """One device's peak FLOP/s: the peak_flops setting if given, else from the GPU's name; None if unknown."""
-    if setting:
-        return setting
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
-
-def speed(tokens_per_step, seconds, processes, flops_per_token, peak):
-    """(tokens/s of the whole job, tokens/s of one process, MFU of one device in % or None). Each process
-    does 1/processes of the step's work on its own device, so MFU divides one process's FLOPs by one peak."""
-    per_process = tokens_per_step / processes / seconds
-    return tokens_per_step / seconds, per_process, (100 * flops_per_token * per_process / peak if peak else None)
-
-
-def duration(seconds):
-    """4h05m, 12m30s or 42s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def record_step(log, step, loss, lrs, norm, dt, seconds_left, cfg, system, flops_per_token, peak):
-    """The step's record: its loss in log.txt; with its progress, speed and MFU on the console and in W&B.
-    lrs: {'lr': AdamW's, 'muon_lr': Muon's, if it runs}."""
-    tokens_per_second, per_process, mfu = speed(cfg.total_batch_size, dt, system.world_size, flops_per_token, peak)
-    unit = "GPU" if system.device_type == "cuda" else "process"
-    log.record(step, "train", loss, [f"step {step + 1} of {cfg.max_steps}", f"lr {lrs['lr']:.4e}",
-               *([f"muon lr {lrs['muon_lr']:.4e}"] if "muon_lr" in lrs else []), f"norm {norm:.4f}", f"{1000 * dt:.0f} ms", f"{tokens_per_second:,.0f} tok/s",
-               *([f"{per_process:,.0f} tok/s per {unit}"] if system.world_size > 1 else []),
-               *([f"mfu {mfu:.1f}%"] if mfu else []), *([f"{duration(seconds_left)} left"] if seconds_left is not None else [])],
-               {**lrs, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
-
-
-def train(model, checkpoint, settings, cfg, system, grad_accum_steps):
+def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_steps):
     """The training loop: cfg.max_steps optimizer steps of cfg.total_batch_size tokens each, from step 0 or
     from where the checkpoint stopped, evaluating every eval_interval steps and saving every checkpoint_interval."""
     say = print if system.master else (lambda *args, **kwargs: None)
@@ -771,156 +545,130 @@ def train(model, checkpoint, settings, cfg, system, grad_accum_steps):
     train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab,
                               shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
-    hellaswag_examples = load_hellaswag(cfg)
-    optimizers, scaler, step_model, ddp_model = training_parts(model, cfg, system)
+    hellaswag_examples = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
+    optimizers = configure_optimizers(model, cfg, system.device_type)  # after sharding: FSDP's shards are the parameters
+    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)  # float16 only
     run = SimpleNamespace(model=model, optimizers=optimizers, scaler=scaler, train_loader=train_loader, step=0,
-                          best_val_loss=float("inf"), best=None, run_id=secrets.token_hex(4), wandb_id=None,
-                          checkpoints=checkpoint_paths(cfg.out_dir))  # a resumed run's own; a new run's out_dir holds none
+                          best_val_loss=float("inf"), best=None, good=None, pending=None, run_id=secrets.token_hex(4),
+                          wandb_id=None, checkpoints=checkpoint_paths(cfg.out_dir))  # a new run's out_dir holds none
     if checkpoint is not None:
-        restore_training_state(run, checkpoint, system, say)
+        restore_training_state(run, checkpoint, cfg, system, say)
         say(f"resuming from step {run.step} of {cfg.out_dir}")
         del checkpoint  # free the host copy of the weights and optimizer state
-    wandb_run = open_out_dir(run, settings, cfg) if system.master else None
+    wandb_run = open_out_dir(run, cfg) if system.master else None
     log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
-    stop_requested = stop_signals()
-    stopped = (lambda: bool(stop_requested)) if system.world_size == 1 else \
-        (lambda: any_process_stopped(stop_requested, system.device).item() > 0)  # every process stops alike
-
-    tokens_per_step = cfg.total_batch_size
+    stops = StopSignals(system)
     flops_per_token, peak = model.flops_per_token(), device_peak_flops(system.device, cfg.peak_flops)
     say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
-        f"{cfg.batch_size} x {cfg.block_size} tokens = {tokens_per_step:,} tokens per step | {system.device}, "
+        f"{cfg.batch_size} x {cfg.block_size} tokens = {cfg.total_batch_size:,} tokens per step | {system.device}, "
         f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
-    weights, gradients, state = training_bytes(model, optimizers, system.device)
+    weights, gradients, state = memory_per_process(model, optimizers, system.device)
     say(f"memory per process: {weights / 1e9:.3g} GB weights + {gradients / 1e9:.3g} GB gradients + {state / 1e9:.3g} GB "
         f"optimizer state = {(weights + gradients + state) / 1e9:.3g} GB before activations "
         f"({'sharded by FSDP' if system.fsdp else 'a whole copy on each process'}; from the shapes)")
-    if system.master:
-        check_room(cfg.out_dir, model, cfg.keep_checkpoints, len(run.checkpoints))
-    if run.step == 0:
-        run.best_val_loss = evaluate(0, model, val_loader, hellaswag_examples, cfg, system, log)  # the baseline
+    if system.master:  # a checkpoint is about the weights and two AdamW moments
+        check_room(cfg.out_dir, 3 * weights * system.world_size if system.fsdp else 3 * weights,
+                   cfg.keep_checkpoints, len(run.checkpoints))
+    unit = "GPU" if system.device_type == "cuda" else "process"
     first_step, began, clock, failures = run.step, time.time(), None, 0
-    while run.step < cfg.max_steps:
-        t0 = time.time()
-        lr = get_lr(run.step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
-        set_lr(optimizers, lr, cfg)
-        start = step_start(run, system.device_type)
-        try:
-            result = train_step(step_model, ddp_model, optimizers, scaler, train_loader, grad_accum_steps,
-                                system.autocast, system.device, cfg.grad_clip, stopped)
-        except UserError as e:  # a bad shard met on the way: keep the steps done so far, then stop with its message
-            rewind(run, start)
-            saved = f"the steps up to {run.step} are saved: " if save_training_state(run, settings, cfg, system, say) else ""
-            raise UserError(f"{e}; {saved}remake that shard, then resume with --init_from=resume "
-                            f"--out_dir={cfg.out_dir}") from None
-        if result is None:  # a stop signal between micro-steps: the unfinished step is dropped
-            rewind(run, start)
-            stop_now(run, settings, cfg, system, say)
-            break
-        loss, norm = result
-        stop = any_process_stopped(stop_requested, system.device)
-        loss, norm, stop = loss.item(), norm.item(), stop.item()  # the one wait for the device in a step
-        failures = apply_update(optimizers, scaler, loss, norm, failures, say)
-        if failures >= 3:
-            raise UserError("non-finite loss or gradient norm for 3 steps in a row; " + resume_advice(run, cfg))
-        if system.device_type == "cuda":
-            torch.cuda.synchronize()  # so that the time below includes the optimizer step
-        if clock is None:  # the first step's time includes compilation and warm-up: estimate from the others
-            clock = (time.time(), run.step + 1)
-        done_since = run.step + 1 - clock[1]
-        seconds_left = (time.time() - clock[0]) / done_since * (cfg.max_steps - run.step - 1) if done_since else None
-        lrs = {"lr": lr, **({"muon_lr": lr * cfg.muon_lr / cfg.max_lr} if cfg.optimizer == "muon" else {})}
-        record_step(log, run.step, loss, lrs, norm, time.time() - t0, seconds_left, cfg, system, flops_per_token, peak)
-        run.step += 1
-        last = run.step == cfg.max_steps
-        if stop:  # no evaluation: torchrun kills its workers 30 s after the signal, so save at once
-            stop_now(run, settings, cfg, system, say)
-            break
-        val_loss = None
-        if run.step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate(run.step, model, val_loader, hellaswag_examples, cfg, system, log)
-            run.best_val_loss = min(run.best_val_loss, val_loss)
-        if run.step % cfg.checkpoint_interval == 0 or last:
-            if not save_training_state(run, settings, cfg, system, say, val_loss) and last:
-                raise UserError(f"step {run.step}: the model has non-finite weights, so no checkpoint was written; "
-                                + resume_advice(run, cfg))
-    else:  # the loop ran to max_steps
-        say(f"done: {run.step - first_step} steps, {(run.step - first_step) * tokens_per_step:,} tokens in "
+    try:
+        if run.step == 0:
+            run.best_val_loss = evaluate(0, model, val_loader, hellaswag_examples, cfg, system, log, stops)  # the baseline
+        while run.step < cfg.max_steps:
+            t0, start = time.time(), (train_loader.state_dict(), rng_state(system.device_type))
+            try:
+                result = train_step(run.step, step_model, ddp_model, optimizers, scaler, train_loader, cfg, system,
+                                    grad_accum_steps, stops)
+            except UserError as e:  # a bad shard met on the way: keep the steps done so far, then stop with its message
+                rewind(run, start)
+                saved = f"the steps up to {run.step} are saved: " if save_checkpoint(run, cfg, system, say) else ""
+                raise UserError(f"{e}; {saved}remake that shard, then resume with --init_from=resume "
+                                f"--out_dir={cfg.out_dir}") from None
+            if result is None:  # a stop signal between micro-steps: the unfinished step is dropped
+                rewind(run, start)
+                raise Stopped
+            loss, norm, lr, stop, updated = result
+            judge_pending(run, loss, vocab)
+            failures = 0 if updated else failures + 1
+            if not updated:
+                say(f"loss {loss}, gradient norm {norm}: update skipped")
+                if failures >= 3:
+                    raise UserError("non-finite loss or gradient norm for 3 steps in a row; " + resume_advice(run, cfg))
+            if system.device_type == "cuda":
+                torch.cuda.synchronize()  # so that the time below includes the optimizer step
+            dt = time.time() - t0
+            if clock is None:  # the first step's time includes compilation and warm-up: estimate from the others
+                clock = (time.time(), run.step + 1)
+            done_since = run.step + 1 - clock[1]
+            seconds_left = (time.time() - clock[0]) / done_since * (cfg.max_steps - run.step - 1) if done_since else None
+            tokens_per_second, per_process, mfu = speed(cfg.total_batch_size, dt, system.world_size, flops_per_token, peak)
+            log.record(run.step, "train", loss, [
+                f"step {run.step + 1} of {cfg.max_steps}", f"lr {lr:.4e}",
+                *([f"muon lr {lr * cfg.muon_lr / cfg.max_lr:.4e}"] if cfg.optimizer == "muon" else []),
+                f"norm {norm:.4f}", f"{1000 * dt:.0f} ms",
+                f"{tokens_per_second:,.0f} tok/s", *([f"{per_process:,.0f} tok/s per {unit}"] if system.world_size > 1 else []),
+                *([f"mfu {mfu:.1f}%"] if mfu else []), *([f"{duration(seconds_left)} left"] if seconds_left is not None else [])],
+                {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
+            run.step += 1
+            last = run.step == cfg.max_steps
+            if stop:  # no evaluation: torchrun kills its workers 30 s after the signal, so save at once
+                raise Stopped
+            val_loss = None
+            if run.step % cfg.eval_interval == 0 or last:
+                val_loss = evaluate(run.step, model, val_loader, hellaswag_examples, cfg, system, log, stops)
+                run.best_val_loss = min(run.best_val_loss, val_loss)
+            if run.step % cfg.checkpoint_interval == 0 or last:
+                if not save_checkpoint(run, cfg, system, say, val_loss) and last:
+                    raise UserError(f"step {run.step}: the model has non-finite weights, so no checkpoint was written; "
+                                    + resume_advice(run, cfg))
+        say(f"done: {run.step - first_step} steps, {(run.step - first_step) * cfg.total_batch_size:,} tokens in "
             f"{duration(time.time() - began)}; best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
+    except Stopped:
+        save_checkpoint(run, cfg, system, say)
+        say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
+            f"--out_dir={shlex.quote(cfg.out_dir)}")
     say(next_commands(cfg.out_dir))
     if wandb_run is not None:
         wandb_run.finish()
 
 
-def stop_now(run, settings, cfg, system, say):
-    """After a stop signal: save the last finished step and say how to go on."""
-    save_training_state(run, settings, cfg, system, say)
-    say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
-        f"--out_dir={shlex.quote(cfg.out_dir)}")
+def rewind(run, start):
+    """Back to the start of a step that is dropped: its data position and random states."""
+    loader_state, rng = start
+    run.train_loader.load_state_dict(loader_state)
+    set_rng_state(rng)
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def resume_advice(run, cfg):
-    """Where to go on from after a run went wrong: the checkpoint with the best validation loss."""
-    if run.best is None:
-        return "lower --max_lr, or resume from the last good checkpoint with --init_from=resume"
-    path, val_loss = os.path.join(cfg.out_dir, run.best["file"]), run.best["val_loss"]
-    return (f"the best checkpoint is {path} (validation loss {val_loss:.4f}): go on from it with a lower "
-            f"learning rate, python train_gpt2.py --init_from={shlex.quote(path)} --out_dir={shlex.quote(cfg.out_dir)} "
-            f"--max_lr={cfg.max_lr / 2:g}")
+    """Where to go on from after a run went wrong: its best checkpoint (the lowest validation loss) or else its
+    last good one (a training loss below the uniform guess's), at a lower rate than the run that wrote it."""
+    good = run.best or run.good
+    if good is None:
+        return (f"no checkpoint of this run is good to go back to: start again with a lower --max_lr (this run "
+                f"used {cfg.max_lr:g}) or a longer --warmup_steps, in a new --out_dir")
+    path = os.path.join(cfg.out_dir, good["file"])
+    quality = f"validation loss {good['val_loss']:.4f}" if "val_loss" in good else f"training loss {good['loss']:.4f}"
+    kind = "best" if good is run.best else "last good"
+    return (f"the {kind} checkpoint is {path} ({quality}): go on from it with a lower learning rate, python "
+            f"train_gpt2.py --init_from={shlex.quote(path)} --out_dir={shlex.quote(cfg.out_dir)} "
+            f"--max_lr={good['max_lr'] / 2:g}")
 
-
-def next_commands(out_dir):
-    """What to do with a run once it ends: the commands for its own out_dir."""
-    d = shlex.quote(out_dir)
-    return "\n".join([
-        "next:",
-        f"  python sample.py --out_dir={d}                                   # sample from the newest checkpoint",
-        f"  python plot.py {d}                                               # draw the curves",
-        f"  python train_gpt2.py --init_from=resume --out_dir={d} --max_steps=N   # train further",
-        f"  python train_gpt2.py --init_from=resume --out_dir={d} --export_hf={shlex.quote(os.path.join(out_dir, 'hf'))}"
-        f"   # a Hugging Face model"])
 
 # -----------------------------------------------------------------------------
-# Evaluation: validation loss, samples, HellaSwag, and the run's log
-
-
-class RunLog:
-    """The records of a run, each (step, kind, value): a line `{step} {kind} {value}` in a file (build-nanogpt's
-    log.txt format, which plot.py reads), the same line with its details on the console, and everything to
-    W&B when a run is attached (as train/loss, val/loss, hella/acc_norm, and train/lr and so on for the
-    metrics). Only rank 0 writes; the others keep quiet. With curves, each evaluation redraws curves.png."""
-    VALUE_NAMES = {"train": "loss", "val": "loss", "hella": "acc_norm"}
-
-    def __init__(self, path, enabled, wandb_run=None, curves=False):
-        self.path, self.enabled, self.wandb_run, self.curves = path, enabled, wandb_run, curves
-
-    def record(self, step, kind, value, details=(), metrics=None):
-        """details: (text, ...) for the console only; metrics: {name: number} for W&B only."""
-        if not self.enabled:
-            return
-        line = f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}"
-        print(" | ".join([line, *details]), flush=True)
-        with open(self.path, "a") as f:  # append: a resumed run adds to the run's log
-            f.write(line + "\n")
-        if self.wandb_run is not None:
-            metrics = {f"{kind}/{name}": number for name, number in (metrics or {}).items()}
-            self.wandb_run.log({f"{kind}/{self.VALUE_NAMES[kind]}": value, **metrics}, step=step)
-
-    def evaluated(self, step, samples):
-        """After an evaluation: the samples to W&B, and {out_dir}/curves.png redrawn (never an error)."""
-        if self.enabled and self.wandb_run is not None and samples:
-            self.wandb_run.log_samples(step, samples)
-        if self.enabled and self.curves:
-            refresh_curves(os.path.dirname(self.path))
+# Evaluation: validation loss, samples, HellaSwag
 
 
 @torch.no_grad()
-def validation_loss(model, loader, steps, autocast, device):
+def validation_loss(model, loader, steps, autocast, device, stops=None):
     """Mean loss over the first `steps` micro-batches of the validation data: the same ones every time."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
-    for _ in range(steps):
+    for i in range(steps):
+        if i > 0 and stops is not None and stops.check_every(i) and stops.now():
+            raise Stopped
         x, y = to_device(loader.next_batch(), device)
         with autocast:
             total += model(x, y)[1]
@@ -945,7 +693,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     and values depend on where it sits, and the cache cannot drop its oldest position and go on. When the
     context outgrows block_size it restarts from its last block_size // 2 tokens (one prefill, then one
     position a token again), so the model always sees between half a block and a full block of context.
-    Both paths follow this rule: their greedy outputs are the same at any length.
     """
     block_size = model.config.block_size
     seen = None  # (B, vocab_size): which tokens the text holds so far, for the repetition penalty
@@ -1009,29 +756,23 @@ def samples(model, cfg, system):
     return [enc.decode(row) for row in torch.cat([idx, tokens], dim=1).tolist()]
 
 
-def load_hellaswag(cfg):
-    """HellaSwag's tokenized examples if the run evaluates it, else None. One process per node downloads."""
-    if not cfg.hellaswag:
-        return None
-    with first_on_each_node():
-        try:
-            return load_hellaswag_examples(get_tokenizer(), cfg.hellaswag_data)
-        except UserError as e:
-            raise UserError(f"{e}; or turn HellaSwag off with --hellaswag=False") from None
-
-
-def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log):
+def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log, stops=None):
     """Validation loss, HellaSwag and samples of the plain (uncompiled, unwrapped) model after `step` steps,
-    recorded in `log`. Returns the validation loss."""
-    val_loss = validation_loss(model, val_loader, math.ceil(cfg.eval_iters / system.world_size), system.autocast, system.device)
+    recorded in `log`. Returns the validation loss. A stop signal meanwhile raises Stopped."""
+    val_loss = validation_loss(model, val_loader, math.ceil(cfg.eval_iters / system.world_size), system.autocast,
+                               system.device, stops)
     perplexity = math.exp(min(val_loss, 50))
     log.record(step, "val", val_loss, [f"perplexity {perplexity:.2f}"], {"perplexity": perplexity})
     if hellaswag_examples is not None:
         model.eval()
+        stop = (lambda i: stops.check_every(i) and stops.now()) if stops is not None else None
         with torch.compiler.set_stance("force_eager"):  # FSDP's compiled blocks would recompile at each batch shape
-            acc, acc_norm, count = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype,
-                                                      rank=system.rank, world_size=system.world_size)
+            result = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype, rank=system.rank,
+                                        world_size=system.world_size, stop=stop)
         model.train()
+        if result is None:
+            raise Stopped
+        acc, acc_norm, count = result
         log.record(step, "hella", acc_norm, [f"acc {acc:.4f} over {count} examples"], {"acc": acc})
     # Rank 0 samples; under FSDP every rank takes part, each forward pass gathering the weights from them all.
     texts = samples(model, cfg, system) if cfg.num_samples > 0 and (system.master or system.fsdp) else []
@@ -1041,66 +782,9 @@ def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log):
     return val_loss
 
 # -----------------------------------------------------------------------------
-# Checkpoints: one run per out_dir, written whole or not at all; and loading a model from any init_from value
+# Checkpoints: everything a run needs to go on, written whole or not at all; loading a model from init_from
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def checkpoint_paths(out_dir):
-    """The checkpoints in out_dir, oldest first."""
-    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt")))
-
-
-def step_of(path):
-    """The step of a checkpoint file, from its name ckpt_0000250.pt."""
-    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
-
-
-def claim_out_dir(out_dir, resuming, resume_step):
-    """Own out_dir for a training run, before anything slow: it must be a writable directory that no other
-    run is writing (a lock that the OS releases when the process dies), and that holds no checkpoints of
-    another run. Resuming from an older checkpoint sets the later ones aside. Returns (the lock file, whether
-    out_dir was made here)."""
-    made = not os.path.exists(out_dir)
-    check_writable_dir(out_dir, "out_dir")
-    lock = lock_dir(out_dir, "another training run")
-    try:
-        removed = sweep_temporary_files(out_dir)
-        if removed:
-            print(f"removed {len(removed)} unfinished file(s) of killed processes from {out_dir}")
-        paths = checkpoint_paths(out_dir)
-        if paths and not resuming:
-            raise UserError(f"{out_dir} holds the checkpoints of another run (the newest: {os.path.basename(paths[-1])}); "
-                            f"to go on with it: --init_from=resume --out_dir={out_dir}; to start a new run, name "
-                            f"another --out_dir or delete {out_dir}")
-        later = [path for path in paths if resuming and step_of(path) > resume_step]
-        for path in later:
-            os.replace(path, path + ".abandoned")
-        if later:
-            print(f"going back to step {resume_step}: set aside {len(later)} later checkpoint(s) of the run as "
-                  f"*.pt.abandoned (delete them when you no longer want them)")
-    except BaseException:
-        release_out_dir(out_dir, lock, made, succeeded=False)
-        raise
-    return lock, made
-
-
-def release_out_dir(out_dir, lock, made, succeeded):
-    """Let go of out_dir. One that this run made and that stayed empty (the run failed during set-up) goes too."""
-    lock.close()
-    if made and not succeeded and set(os.listdir(out_dir)) <= {".lock"}:
-        os.remove(os.path.join(out_dir, ".lock"))
-        os.rmdir(out_dir)
-
-
-def check_room(out_dir, model, keep, existing):
-    """Warn, before the first save, if the disk cannot hold keep_checkpoints + 1 checkpoints (the newest is
-    written before the oldest is removed). A checkpoint is about the weights and two AdamW moments."""
-    size = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-    needed, free = max(0, keep + 1 - existing) * size, free_bytes(out_dir)
-    if free < needed:
-        print(f"warning: {out_dir} has {free / 1e9:.2f} GB free, but {keep + 1} checkpoints of ~{size / 1e9:.2f} GB "
-              f"need {needed / 1e9:.2f} GB more; free some space or lower --keep_checkpoints")
 
 
 def rng_state(device_type):
@@ -1116,109 +800,70 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gather_rng_states(device_type):
-    """Every rank's random number generator states, as a list indexed by rank."""
-    state = rng_state(device_type)
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def save_training_state(run, settings, cfg, system, say, val_loss=None):
+def save_checkpoint(run, cfg, system, say, val_loss=None):
     """A checkpoint of everything the run needs to go on exactly where it is; never of non-finite weights.
-    Keeps the newest keep_checkpoints of this run's checkpoints, and the one with the best validation loss.
-    Returns whether a checkpoint was written."""
-    if not weights_finite(run.model, system.device):
+    Keeps the newest keep_checkpoints of this run's checkpoints, its best (the lowest validation loss) and
+    its last good one (one whose weights' training loss was below a uniform guess's), whatever the intervals:
+    a run that blows up never pushes out the checkpoint to go back to. Returns whether one was written."""
+    finite = torch.tensor(float(all(torch.isfinite(local(p)).all() for p in run.model.parameters())), device=system.device)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # under FSDP each process sees only its own shards
+    if not finite.item():
         say(f"step {run.step}: the model has non-finite weights; no checkpoint written")
         return False
-    rng = gather_rng_states(system.device_type)  # every rank takes part
-    model_state, optimizer_states = full_state_dicts(run.model, run.optimizers, system.fsdp)  # every rank too
+    rng = [rng_state(system.device_type)]
+    if dist.is_initialized():  # every rank's random states, as a list indexed by rank
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, rng_state(system.device_type))
+    model_state, optimizer_states = full_state_dicts(run.model, run.optimizers, system.fsdp)  # every rank takes part
     if not system.master:
         return True
     path = os.path.join(cfg.out_dir, f"ckpt_{run.step:07d}.pt")
     if val_loss is not None and (run.best is None or val_loss <= run.best["val_loss"]):
-        run.best = {"file": os.path.basename(path), "val_loss": val_loss}
-    state = {"model": model_state, "optimizers": optimizer_states,
-             "scaler": run.scaler.state_dict(), "config": asdict(run.model.config), "settings": settings,
-             "step": run.step, "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss,
-             "best_val_loss": run.best_val_loss, "best": run.best, "run_id": run.run_id, "wandb_id": run.wandb_id}
+        run.best = {"file": os.path.basename(path), "val_loss": val_loss, "max_lr": cfg.max_lr}
+    run.pending = {"file": os.path.basename(path), "max_lr": cfg.max_lr}  # good or not: its next step's loss says
+    state = {"model": model_state, "optimizers": optimizer_states, "scaler": run.scaler.state_dict(),
+             "config": asdict(run.model.config), "settings": vars(cfg), "step": run.step,
+             "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss, "best_val_loss": run.best_val_loss,
+             "best": run.best, "good": run.good, "run_id": run.run_id, "wandb_id": run.wandb_id}
     atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint whole
     run.checkpoints = sorted(set(run.checkpoints) | {path})
-    best = os.path.join(cfg.out_dir, run.best["file"]) if run.best else None
+    kept = {os.path.join(cfg.out_dir, good["file"]) for good in (run.best, run.good) if good}
     for old in run.checkpoints[:-cfg.keep_checkpoints]:  # only ever this run's own, oldest first
-        if old != best:
+        if old not in kept:
             os.remove(old)
     run.checkpoints = [p for p in run.checkpoints if os.path.exists(p)]
     say(f"saved {path}")
     return True
 
 
-def weights_finite(model, device):
-    """Whether every weight is finite, on every process: under FSDP each process sees only its own shards."""
-    finite = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in model.parameters())
-    finite = torch.tensor(float(finite), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+def judge_pending(run, loss, vocab_size):
+    """The first training loss after a checkpoint is that of its weights: below a uniform guess's, ln(vocab_size),
+    the checkpoint is the run's last good one."""
+    if getattr(run, "pending", None) is not None:
+        if math.isfinite(loss) and loss < math.log(vocab_size):
+            run.good = {**run.pending, "loss": loss}
+        run.pending = None
 
 
-def parameter_names(model, optimizer):
-    """The names of the optimizer's parameters, in the order that numbers them in its state dict."""
-    names = {p: name for name, p in model.named_parameters()}
-    return [names[p] for group in optimizer.param_groups for p in group["params"]]
-
-
-def full_state_dicts(model, optimizers, sharded):
-    """(the model's state dict, [each optimizer's]) in the one format every checkpoint has: whole tensors, the
-    optimizers' state keyed by parameter number as torch.optim writes it, so that a run of one process, DDP or
-    FSDP on any number of processes loads it. A sharded model's are gathered from every process (all must call
-    this) onto rank 0's CPU, one tensor at a time; the other ranks get empty ones."""
-    if not sharded:
-        return model.state_dict(), [o.state_dict() for o in optimizers]
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    first_name = {}
-    for name, p in model.named_parameters(remove_duplicate=False):  # the head is the embedding: one tensor again
-        first_name.setdefault(p, name)
-        if name in model_state:
-            model_state[name] = model_state[first_name[p]]
-    optimizer_states = []
-    for optimizer in optimizers:
-        by_name = get_optimizer_state_dict(model, optimizer, options=options)
-        names = parameter_names(model, optimizer)
-        numbers = iter(range(len(names)))
-        optimizer_states.append({
-            "state": {i: by_name["state"][name] for i, name in enumerate(names) if name in by_name.get("state", {})},
-            "param_groups": [{**group, "params": [next(numbers) for _ in group["params"]]}
-                             for group in by_name.get("param_groups", [])]})
-    return model_state, optimizer_states
-
-
-def load_optimizer_state(model, optimizer, state, sharded):
-    """Load an optimizer's state dict as full_state_dicts writes it (and every checkpoint before FSDP did).
-    A sharded model's optimizer takes it keyed by parameter name, and each process keeps its shards of it."""
-    if not sharded:
-        optimizer.load_state_dict(state)
-        return
-    names = parameter_names(model, optimizer)
-    by_name = {"state": {names[i]: value for i, value in state["state"].items()},
-               "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
-
-def restore_training_state(run, checkpoint, system, say):
+def restore_training_state(run, checkpoint, cfg, system, say):
     """Optimizers, loss scaler, data position, step and random states from a checkpoint of this run."""
     if "optimizers" not in checkpoint:
         raise UserError("the newest checkpoint holds a model but no training state to resume; start a new run "
                         "from its weights with --init_from=PATH_OF_THE_CHECKPOINT")
     for optimizer, state in zip(run.optimizers, checkpoint["optimizers"], strict=True):
+        peaks = [group["peak_lr"] for group in optimizer.param_groups]  # this run's settings, not the saved ones
         load_optimizer_state(run.model, optimizer, state, system.fsdp)
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["peak_lr"] = peak
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.train_loader.load_state_dict(checkpoint["loader"])
     run.step, run.best_val_loss, run.wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("wandb_id")
-    run.best, run.run_id = checkpoint.get("best"), checkpoint.get("run_id", run.run_id)
+    run.best, run.good, run.run_id = checkpoint.get("best"), checkpoint.get("good"), checkpoint.get("run_id", run.run_id)
+    run.pending = {"file": f"ckpt_{run.step:07d}.pt", "max_lr": checkpoint["settings"].get("max_lr", cfg.max_lr)}
+    for good in (run.best, run.good):
+        if good is not None:
+            good.setdefault("max_lr", checkpoint["settings"].get("max_lr", cfg.max_lr))
     rng = checkpoint["rng"]
     if len(rng) == system.world_size:
         set_rng_state(rng[system.rank])
@@ -1226,14 +871,15 @@ def restore_training_state(run, checkpoint, system, say):
         say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states start afresh")
 
 
-def open_out_dir(run, settings, cfg):
+def open_out_dir(run, cfg):
     """On rank 0: run.json in out_dir (the settings, the run's id, and the tokens per step that plot.py needs
     besides log.txt), and the W&B run if one is asked for: the same as before the checkpoint, if there was one."""
-    run_json = {"tokens_per_step": cfg.total_batch_size, "run_id": run.run_id, "settings": settings}
+    import json
+    run_json = {"tokens_per_step": cfg.total_batch_size, "run_id": run.run_id, "settings": vars(cfg)}
     atomic_write(os.path.join(cfg.out_dir, "run.json"), lambda f: f.write(json.dumps(run_json, indent=1).encode()))
     if not cfg.wandb_project:
         return None
-    wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=settings, resume_id=run.wandb_id)
+    wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=vars(cfg), resume_id=run.wandb_id)
     run.wandb_id = wandb_run.id
     return wandb_run
 
@@ -1241,13 +887,18 @@ def open_out_dir(run, settings, cfg):
 def load_checkpoint(path):
     """A checkpoint dict, loaded with weights_only=True: reading it runs no code. The tensors are mapped from
     the file, not read into memory: eight processes resuming GPT-2 XL do not each hold a 19 GB copy."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if not is_zip:  # torch.save writes a zip archive
+        raise UserError(f"{path} is not a checkpoint (not a file that torch.save wrote); give a ckpt_*.pt file "
+                        f"of train_gpt2.py, resume, a GPT-2 name or a Hugging Face directory")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupted or not a checkpoint ({type(e).__name__}); "
-                        f"delete it to resume from an older one") from None
+        raise UserError(f"checkpoint {path} is corrupted or not a checkpoint ({type(e).__name__}); delete it "
+                        f"to resume from an older one") from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of this script (no model, config or step in it)")
     return checkpoint
@@ -1264,9 +915,7 @@ def checkpoint_of(init_from, out_dir):
             raise UserError(f"--init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}; set --out_dir to the "
                             f"directory of the run, or --init_from to a checkpoint file or a model")
         init_from = paths[-1]
-    if init_from.endswith(".pt") and not os.path.exists(init_from):
-        raise UserError(f"checkpoint {init_from} does not exist")
-    if not os.path.isfile(init_from):
+    if not init_from.endswith(".pt") and not os.path.isfile(init_from):
         raise UserError(f"--init_from={init_from} is neither a checkpoint file, a directory with a config.json, "
                         f"nor one of: scratch, resume, {', '.join(PRETRAINED)}")
     return load_checkpoint(init_from)
@@ -1297,230 +946,29 @@ def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
 
-
-def save_hf(model, directory):
-    """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
-    model.safetensors (Conv1D layout, vocabulary unpadded, head tied to the embedding), tokenizer files."""
-    import shutil
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-    check_writable_dir(directory, "export_hf")
-    quiet_transformers()
-    c = model.config
-    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                           n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
-    with torch.device("meta"):  # no memory or time spent on weights that are replaced at once
-        hf = GPT2LMHeadModel(hf_config)
-    hf.load_state_dict(model.hf_state_dict(), assign=True)
-    hf.save_pretrained(directory)
-    # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
-    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
-    GPT2TokenizerFast.from_pretrained(directory, model_max_length=c.block_size).save_pretrained(directory)
-    # safetensors writes its file private (0600); every file of the export gets the usual mode of new files.
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(directory):
-        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
-
-# -----------------------------------------------------------------------------
-# The other modes: evaluation only, benchmark (and profile), and the search of --batch_size=auto
-
-
-def evaluate_only(model, checkpoint, cfg, system):
-    """Evaluate the model once. The records go to {out_dir}/evals.txt: log.txt stays the record of training,
-    where each step appears once."""
-    step = checkpoint["step"] if checkpoint else 0
-    _, val_sources = find_data(cfg.data_dir, model.config.vocab_size)
-    val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, model.config.vocab_size)
-    hellaswag_examples = load_hellaswag(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if system.master:
-        print(f"evaluating --init_from={cfg.init_from} (after {step} steps); the results go to {cfg.out_dir}/evals.txt")
-    evaluate(step, model, val_loader, hellaswag_examples, cfg, system, RunLog(os.path.join(cfg.out_dir, "evals.txt"), system.master))
-
-
-def run_benchmark(model, cfg, system, grad_accum_steps):
-    """Time the real training step on random tokens, after compilation and warm-up; with cfg.profile, then
-    profile three more steps."""
-    say = print if system.master else (lambda *args, **kwargs: None)
-    optimizers, scaler, step_model, ddp_model = training_parts(model, cfg, system)
-    vocab = model.config.vocab_size
-    random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, cfg.batch_size * cfg.block_size + 1, dtype=np.uint16)
-    loader = DataLoader([random_tokens], cfg.batch_size, cfg.block_size, 0, 1, vocab)  # one chunk, read again and again
-    synchronize = torch.cuda.synchronize if system.device_type == "cuda" else (lambda: None)
-
-    def step():
-        loss, norm = train_step(step_model, ddp_model, optimizers, scaler, loader, grad_accum_steps, system.autocast,
-                                system.device, cfg.grad_clip)
-        apply_update(optimizers, scaler, loss.item(), norm.item(), 0, say)
-        return loss
-
-    warmup, measured = 3, 10
-    for _ in range(warmup):
-        step()
-    synchronize()
-    if system.device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for _ in range(measured):
-        loss = step()
-    synchronize()
-    dt = (time.time() - t0) / measured
-    tokens_per_step = cfg.total_batch_size
-    tokens_per_second, per_process, mfu = speed(tokens_per_step, dt, system.world_size, model.flops_per_token(),
-                                                device_peak_flops(system.device, cfg.peak_flops))
-    unit = "GPU" if system.device_type == "cuda" else "process"
-    mfu = f"{mfu:.1f}% per {unit}" if mfu else "n/a (no peak FLOP/s known for this device: set --peak_flops)"
-    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if system.device_type == "cuda" else "n/a (CPU)"
-    say(f"benchmark: {model.num_params():,} parameters, {tokens_per_step:,} tokens per step, loss {loss.item():.4f}")
-    say(f"benchmark: {1000 * dt:.1f} ms/step | {tokens_per_second:,.0f} tok/s | {per_process:,.0f} tok/s per {unit} | "
-        f"mfu {mfu} | peak memory {memory}")
-    if cfg.profile:
-        profile_steps(step, cfg.profile, system, synchronize)
-
-
-def profile_steps(step, directory, system, synchronize, steps=3):
-    """Run `steps` training steps under torch.profiler (every process: the steps hold collectives), and on
-    rank 0 write the trace (chrome://tracing or Perfetto) into directory and print the ten costliest kernels
-    on a GPU (operators on a CPU), by their own time."""
-    from torch.profiler import ProfilerActivity, profile
-    device_type = system.device_type
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        for _ in range(steps):
-            step()
-        synchronize()
-    if not system.master:
-        return
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "trace.json")
-    profiler.export_chrome_trace(path)
-    sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    print(profiler.key_averages().table(sort_by=sort_by, row_limit=10))
-    print(f"profile: {steps} steps, trace in {path}")
-
-
-def micro_batches(cfg, world_size):
-    """The micro-batches that keep total_batch_size with gradient accumulation: the powers of two that divide
-    each process's sequences per step, largest first."""
-    sequences = cfg.total_batch_size // (cfg.block_size * world_size) if cfg.total_batch_size % (cfg.block_size * world_size) == 0 else 0
-    return [b for b in (2 ** i for i in range(sequences.bit_length(), -1, -1)) if b <= sequences and sequences % b == 0]
-
-
-def find_batch_size(model, cfg, system, configured):
-    """--batch_size=auto: the largest micro-batch that fits, found by real training steps of the model on the
-    device, largest first (eager: the compiled model needs no more memory). The steps run at learning rate 0,
-    so the weights do not move. On a CPU or MPS, no search: the largest candidate up to the configured default."""
-    say = print if system.master else (lambda *args, **kwargs: None)
-    candidates = micro_batches(cfg, system.world_size)
-    if not candidates:
-        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of block_size x processes = "
-                        f"{cfg.block_size} x {system.world_size}; --batch_size=auto needs one")
-    if system.device_type != "cuda":
-        batch = next((b for b in candidates if b <= configured), 1)
-        say(f"auto batch_size: {batch} (the default {configured} or the largest below it that keeps total_batch_size: "
-            f"the search runs on CUDA only)")
-        return batch
-    optimizers = configure_optimizers(model, cfg, system.device_type)
-    set_lr(optimizers, 0.0, cfg)
-    rng, out_of_memory = rng_state(system.device_type), []
-    for batch in candidates:
-        fits = True
-        try:
-            x = torch.randint(model.config.vocab_size, (batch, cfg.block_size + 1), device=system.device)
-            with system.autocast:
-                loss = model(x[:, :-1], x[:, 1:])[1]
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-            torch.cuda.synchronize()
-        except torch.OutOfMemoryError:
-            fits = False
-        x = loss = None
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        fits = torch.tensor(float(fits), device=system.device)
-        if dist.is_initialized():
-            dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # it must fit on every process
-        if fits.item():
-            break
-        out_of_memory.append(batch)
-    else:
-        raise UserError(f"not even a micro-batch of 1 x {cfg.block_size} tokens fits on {system.device}; try "
-                        f"--activation_checkpointing, a shorter --block_size or a smaller model")
-    del optimizers
-    torch.cuda.empty_cache()
-    set_rng_state(rng)
-    tried = ", ".join(f"{b}: out of memory" for b in out_of_memory) or "the largest candidate; a larger one may fit"
-    say(f"auto batch_size: {batch} ({tried})")
-    return batch
-
-
-def out_of_memory_advice(cfg, system):
-    """The one line for a CUDA out-of-memory error: a smaller micro-batch that keeps total_batch_size."""
-    if cfg.batch_size == "auto":  # out of memory before the search: the model alone does not fit
-        return (f"out of memory on {system.device} before any micro-batch was tried; try --activation_checkpointing "
-                f"or a smaller model")
-    smaller = [b for b in micro_batches(cfg, system.world_size) if b < cfg.batch_size]
-    hint = f"try --batch_size={smaller[0]} or --batch_size=auto" if smaller else \
-        "try --activation_checkpointing, a shorter --block_size or a smaller model"
-    return (f"out of memory on {system.device} with micro-batch {cfg.batch_size} x {cfg.block_size} tokens; {hint} "
-            f"(gradient accumulation keeps total_batch_size={cfg.total_batch_size:,})")
-
 # -----------------------------------------------------------------------------
 # Main: settings, model, then the mode asked for
 
 
 def parse_settings(argv):
-    """train_gpt2.py's settings from its command line: (settings, the names given)."""
-    return parse_command_line(argv, SETTINGS, __doc__, __file__, PRESETS, auto=("batch_size",))
+    """train_gpt2.py's settings from its command line and config files: (settings, {name: where it came from})."""
+    return parse_command_line(argv, SETTINGS, __doc__, __file__, auto=("batch_size",), config_files=True)
 
 
-def settings_for_run(settings, given, checkpoint, resuming):
-    """A resumed run goes on with the settings saved in its checkpoint; the flags given now override them, and
-    each change is said. Returns (settings, ["changed: --max_steps 60 -> 250", ...])."""
-    if not resuming or "settings" not in checkpoint:
-        return settings, []
-    saved = {name: value for name, value in checkpoint["settings"].items() if name in SETTINGS and name not in MODES}
-    if "optimizer" in given and settings["optimizer"] != saved.get("optimizer", "adamw"):
-        raise UserError(f"the run used --optimizer={saved.get('optimizer', 'adamw')} (given {settings['optimizer']}); "
-                        f"its checkpoint holds that optimizer's state: leave out --optimizer to resume")
-    changes = [f"changed: --{name} {saved[name]} -> {settings[name]}" for name in sorted(given)
-               if name in saved and saved[name] != settings[name] and name not in SHAPE]
-    return {**settings, **saved, **{name: settings[name] for name in given}}, changes
-
-
-# Each float setting and the finite values it takes, as the error says it.
-FLOAT_RANGES = {
-    "max_lr": (lambda v: v > 0, "a learning rate must be above 0"),
-    "muon_lr": (lambda v: v > 0, "a learning rate must be above 0"),
-    "adam_eps": (lambda v: v > 0, "it takes a number above 0"),
-    **{name: (lambda v: v >= 0, "it takes 0 or more")
-       for name in ("min_lr", "weight_decay", "grad_clip", "muon_weight_decay", "peak_flops")},
-    **{name: (lambda v: 0 <= v < 1, "it takes a number at least 0 and below 1")
-       for name in ("dropout", "beta1", "beta2", "muon_momentum")},
-}
+# The settings that take a number within a range (common.check_ranges says the words): the interface's limits.
+RANGES = {**dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
+                           "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints"), ">= 1"),
+          **dict.fromkeys(("max_steps", "warmup_steps", "num_samples", "sample_length", "min_lr", "weight_decay",
+                           "grad_clip", "muon_weight_decay", "peak_flops"), ">= 0"),
+          **dict.fromkeys(("max_lr", "muon_lr", "adam_eps"), "> 0"),
+          **dict.fromkeys(("dropout", "beta1", "beta2", "muon_momentum"), "[0, 1)")}
 
 
 def check_settings(cfg):
     """Refuse settings that cannot make a model or a run, with one line that says what to change."""
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
-                 "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints"):
-        if getattr(cfg, name) != "auto" and getattr(cfg, name) < 1:
-            raise UserError(f"--{name}={getattr(cfg, name)}: it takes 1 or more")
-    for name in ("max_steps", "warmup_steps", "num_samples", "sample_length"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name}={getattr(cfg, name)}: it takes 0 or more")
-    for name, (good, requirement) in FLOAT_RANGES.items():
-        value = getattr(cfg, name)
-        if not math.isfinite(value):
-            raise UserError(f"--{name}={value}: it takes a finite number ({requirement.removeprefix('it takes ')})")
-        if not good(value):
-            raise UserError(f"--{name}={value}: {requirement}")
+    check_ranges(vars(cfg), RANGES)
     if cfg.n_embd % cfg.n_head:
-        heads = [h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0]
-        nearest = min(heads, key=lambda h: abs(h - cfg.n_head))
+        nearest = min((h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0), key=lambda h: abs(h - cfg.n_head))
         raise UserError(f"--n_head={cfg.n_head} does not divide --n_embd={cfg.n_embd}: each head takes "
                         f"n_embd / n_head channels; try --n_head={nearest}")
     if cfg.optimizer not in ("adamw", "muon"):
@@ -1534,13 +982,14 @@ def check_settings(cfg):
     if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise UserError(f"--optimizer=muon needs torch 2.9 or newer (this is torch {torch.__version__}): "
                         f"pip install -U torch, or train with --optimizer=adamw")
+    if cfg.profile and not cfg.benchmark:
+        raise UserError(f"--profile={cfg.profile} profiles the benchmark's steps: add --benchmark, or leave out --profile")
 
 
 def make_model(cfg, given, checkpoint):
     """The model the settings ask for: new, or loaded from init_from. A loaded model's shape is its own: the
     shape settings take its values, and one given on the command line that differs is refused."""
     if cfg.init_from == "scratch":
-        check_settings(cfg)
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, activation_checkpointing=cfg.activation_checkpointing))
     model, _ = load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout, checkpoint=checkpoint)
@@ -1561,47 +1010,90 @@ def make_model(cfg, given, checkpoint):
     return model
 
 
+def evaluate_only(model, checkpoint, cfg, system):
+    """Evaluate the model once. The records go to {out_dir}/evals.txt: log.txt stays the record of training,
+    where each step appears once."""
+    step = checkpoint["step"] if checkpoint else 0
+    vocab = model.config.vocab_size
+    val_loader = DataLoader(find_data(cfg.data_dir, vocab)[1], cfg.batch_size, cfg.block_size, system.rank,
+                            system.world_size, vocab)
+    hellaswag_examples = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
+    if system.master:
+        print(f"evaluating --init_from={cfg.init_from} (after {step} steps); the results go to {cfg.out_dir}/evals.txt")
+    evaluate(step, model, val_loader, hellaswag_examples, cfg, system, RunLog(os.path.join(cfg.out_dir, "evals.txt"), system.master))
+
+
+def random_token_steps(model, step_model, ddp_model, cfg, system, batch_size, grad_accum_steps, moves=True):
+    """A function that runs one real training step on one chunk of random tokens, again and again, and returns
+    its loss: the benchmark's step, and the micro-batch search's (moves=False: learning rate 0, so the weights
+    stay). Its optimizers are its own, their state made at the first update, as a run's are."""
+    trial = SimpleNamespace(**{**vars(cfg), "batch_size": batch_size})
+    optimizers = configure_optimizers(model, trial, system.device_type)
+    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+        group["peak_lr"] *= moves
+    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
+    vocab = model.config.vocab_size
+    tokens = np.random.default_rng(cfg.seed).integers(0, vocab, batch_size * cfg.block_size + 1, dtype=np.uint16)
+    loader = DataLoader([tokens], batch_size, cfg.block_size, 0, 1, vocab)
+    return lambda: train_step(cfg.warmup_steps, step_model, ddp_model, optimizers, scaler, loader, trial, system,
+                              grad_accum_steps, None)[0]
+
+
 def start(argv):
     """Read the settings, make or load the model, and run the mode asked for."""
     settings, given = parse_settings(argv)
     checkpoint = checkpoint_of(settings["init_from"], settings["out_dir"])
     resuming = resumes(settings["init_from"], settings["out_dir"], checkpoint)
-    settings, changes = settings_for_run(settings, given, checkpoint, resuming)
+    settings, changes = settings_for_run(settings, given, checkpoint["settings"] if resuming else None,
+                                         SETTINGS, os.path.basename(__file__), MODES, SHAPE)
     cfg = SimpleNamespace(**settings)
     check_settings(cfg)  # before anything slow; again once a loaded model gives the shape
     system = setup_system(cfg)
     training = not (cfg.export_hf or cfg.benchmark or cfg.eval_only)
+    for line in changes if system.master else []:
+        print(line)
     if cfg.fsdp and (training or cfg.benchmark) and not system.fsdp:
         print("--fsdp: one process has nothing to shard, so it runs as a single process; "
               "start it with torchrun --nproc_per_node=N to shard the model across N")
-    owned, succeeded = None, False  # owned: rank 0's (lock, whether it made out_dir) while it trains
+    owned, succeeded = (None, False), False  # rank 0's (lock, whether it made out_dir) while it trains
     if training:
-        owned = on_rank_zero(lambda: claim_out_dir(cfg.out_dir, resuming, checkpoint["step"] if resuming else None), system)
+        owned = on_rank_zero(lambda: claim_out_dir(cfg.out_dir, resuming, checkpoint["step"] if resuming else None),
+                             system.master) or owned
     elif cfg.eval_only or cfg.export_hf:  # where they write, before the model is built
-        on_rank_zero(lambda: check_writable_dir(cfg.export_hf or cfg.out_dir, "export_hf" if cfg.export_hf else "out_dir"), system)
+        directory, setting = (cfg.export_hf, "export_hf") if cfg.export_hf else (cfg.out_dir, "out_dir")
+        on_rank_zero(lambda: check_writable_dir(directory, setting), system.master)
     try:
         torch.manual_seed(cfg.seed + system.rank)
-        model = make_model(cfg, given, checkpoint)
-        for change in changes if system.master else []:
-            print(change)
+        try:
+            model = make_model(cfg, given, checkpoint)
+        except (MemoryError, RuntimeError) as e:  # a CPU's out-of-memory error is a RuntimeError
+            if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+                raise
+            raise UserError(f"not enough memory to build the model ({cfg.n_layer} layers x {cfg.n_embd}, block_size "
+                            f"{cfg.block_size}); choose a smaller model or a shorter --block_size") from None
         if cfg.export_hf:
+            from huggingface import save_hf
             save_hf(model, cfg.export_hf)
             print(f"wrote {cfg.export_hf}")
             return
         model.to(system.device)
-        if cfg.batch_size == "auto":
-            cfg.batch_size = find_batch_size(model, cfg, system, {**SETTINGS, **PRESETS.get(cfg.preset, {})}["batch_size"])
+        step_model, ddp_model = wrap_for_training(model, cfg, system)
+        if cfg.batch_size == "auto":  # eager (the compiled model needs no more memory), through DDP where it runs
+            cfg.batch_size = bench_speed.search_batch_size(lambda batch: random_token_steps(
+                model, ddp_model or model, ddp_model, cfg, system, batch, 1, moves=False), cfg, system, SETTINGS["batch_size"])
         grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)  # a bad total_batch_size: before any data
         if cfg.benchmark:
-            return run_benchmark(model, cfg, system, grad_accum_steps)
+            return bench_speed.benchmark(random_token_steps(model, step_model, ddp_model, cfg, system, cfg.batch_size,
+                                                            grad_accum_steps), model, cfg, system)
         if cfg.eval_only:
             return evaluate_only(model, checkpoint, cfg, system)
-        train(model, checkpoint if resuming else None, vars(cfg), cfg, system, grad_accum_steps)
+        train(model, step_model, ddp_model, checkpoint if resuming else None, cfg, system, grad_accum_steps)
         succeeded = True
     except torch.OutOfMemoryError:
-        raise UserError(out_of_memory_advice(cfg, system)) from None
+        raise UserError(bench_speed.out_of_memory_advice(cfg.batch_size, cfg.block_size, cfg.total_batch_size, system.world_size,
+                                             system.device)) from None
     finally:
-        if owned is not None:
+        if training and system.master:
             release_out_dir(cfg.out_dir, *owned, succeeded)
 
 

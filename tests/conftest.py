@@ -54,7 +54,7 @@ def input_txt():
     """Tiny Shakespeare in the repository root (pytest_sessionstart put it there if ../shared has it)."""
     path = os.path.join(ROOT, "input.txt")
     if not os.path.exists(path):
-        pytest.skip("input.txt is missing (python train_gpt2.py --preset=shakespeare downloads it)")
+        pytest.skip("input.txt is missing (python train_gpt2.py config/shakespeare.py downloads it)")
     return path
 
 

@@ -78,15 +78,18 @@ def test_every_script_reads_its_command_line_alike(script, shard_dir, tiny_check
 
 
 def test_a_setting_without_its_value_is_one_line():
-    assert "--max_lr takes a value" in one_error_line(run_script("train_gpt2.py", "--max_lr"))
+    assert "--max_lr has no value: write --max_lr=VALUE" in one_error_line(run_script("train_gpt2.py", "--max_lr"))
+    # A flag right after it is not its value.
+    message = one_error_line(run_script("train_gpt2.py", "--max_steps", "--out_dir=x"))
+    assert "--max_steps has no value: write --max_steps=VALUE or --max_steps VALUE" in message
 
 
 def test_a_head_count_that_does_not_divide_the_width_is_one_line():
-    message = one_error_line(run_script("train_gpt2.py", "--preset=shakespeare", "--n_head=5"))
+    message = one_error_line(run_script("train_gpt2.py", "config/shakespeare.py", "--n_head=5"))
     assert "--n_head=5 does not divide --n_embd=128" in message and "try --n_head=4" in message
 
 
-def test_export_after_the_preset_takes_the_shape_from_the_checkpoint_and_prints_only_its_line(shard_dir, tmp_path):
+def test_export_after_a_run_takes_the_shape_from_the_checkpoint_and_prints_only_its_line(shard_dir, tmp_path):
     out = tmp_path / "run"
     assert run_script("train_gpt2.py", *TINY, f"--data_dir={shard_dir}", "--max_steps=1", f"--out_dir={out}").returncode == 0
     result = run_script("train_gpt2.py", "--init_from=resume", f"--out_dir={out}", f"--export_hf={tmp_path / 'hf'}")

@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import train_gpt2  # noqa: E402
 from conftest import run_script  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UserError, generate, get_tokenizer, gpt2_bpe_files, save_hf  # noqa: E402
+from huggingface import hf_state_dict, save_hf  # noqa: E402
+from common import gpt2_bpe_files  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UserError, generate, get_tokenizer  # noqa: E402
 
 TEXTS = ["Hello, I'm a language model,", " naïve café 東京 🤗\n\n  tabs\tand  spaces", "x<|endoftext|>y", "'s 're 123456"]
 
@@ -62,7 +64,7 @@ def test_every_exported_file_has_the_usual_mode_of_new_files(exported):
 def test_round_trip_gives_identical_weights(model, exported):
     loaded = GPT.from_pretrained(exported)
     assert loaded.config == model.config
-    ours, theirs = model.hf_state_dict(), loaded.hf_state_dict()
+    ours, theirs = hf_state_dict(model), hf_state_dict(loaded)
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
@@ -114,4 +116,4 @@ def test_train_gpt2_exports_a_checkpoint(model, tmp_path):
     result = run_script("train_gpt2.py", f"--init_from={checkpoint}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu")
     assert result.returncode == 0, result.stderr
     loaded = GPT.from_pretrained(str(tmp_path / "hf"))
-    assert all(torch.equal(a, b) for a, b in zip(model.hf_state_dict().values(), loaded.hf_state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(hf_state_dict(model).values(), hf_state_dict(loaded).values()))

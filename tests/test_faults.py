@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, read_log, run_script, write_bin
+import common
 import train_gpt2
 from train_gpt2 import DataLoader, parse_settings
 
@@ -112,7 +113,7 @@ def test_the_best_checkpoint_outlives_diverged_ones_and_the_run_goes_back_to_it(
     assert checkpoints(out) == ["ckpt_0000004.pt", "ckpt_0000008.pt", "ckpt_0000010.pt"]  # the newest two, and the best
 
     # Then it blows up: three non-finite steps stop it, naming the checkpoint to go back to.
-    monkeypatch.setattr(train_gpt2, "train_step", lambda *args, **kwargs: (torch.tensor(float("nan")), torch.tensor(1.0)))
+    monkeypatch.setattr(train_gpt2, "train_step", lambda *args, **kwargs: (float("nan"), 1.0, 1e-3, False, False))
     status, stdout, err = train(capsys, *run, "--init_from=resume", "--max_steps=14")
     err = one_error_line(status, err)
     best = out / "ckpt_0000004.pt"
@@ -199,7 +200,7 @@ def test_a_bad_token_in_a_later_shard_saves_the_steps_done_then_names_the_shard(
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--max_lr=inf", "--max_lr=inf: it takes a finite number (a learning rate must be above 0)"),
+    ("--max_lr=inf", "--max_lr=inf: it takes a finite number (a number above 0)"),
     ("--min_lr=nan", "--min_lr=nan: it takes a finite number (0 or more)"),
     ("--weight_decay=nan", "--weight_decay=nan: it takes a finite number (0 or more)"),
     ("--grad_clip=nan", "--grad_clip=nan: it takes a finite number (0 or more)"),
@@ -276,7 +277,7 @@ def test_a_full_disk_while_saving_is_one_line_with_the_room_left(shard_dir, tmp_
 
 def test_a_disk_too_small_for_the_checkpoints_is_warned_of_before_the_first_save(shard_dir, tmp_path, capsys,
                                                                                  monkeypatch, one_thread):
-    monkeypatch.setattr(train_gpt2, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(common, "free_bytes", lambda path: 1000)
     status, stdout, _ = train(capsys, f"--data_dir={shard_dir}", f"--out_dir={tmp_path}", "--max_steps=1")
     assert status == 0
     assert f"warning: {tmp_path} has 0.00 GB free, but 4 checkpoints of" in stdout

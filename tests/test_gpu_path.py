@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_script
+import bench.speed as bench_speed
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig
 
@@ -15,11 +16,11 @@ from train_gpt2 import GPT, GPTConfig
 def test_mfu_is_per_device_and_tokens_per_second_for_the_job_and_per_process():
     # GPT-2 124M's 524,288 tokens a step in 0.1 s on 8 GPUs: 5.2M tok/s for the job, 655k per GPU.
     flops_per_token, peak = 6 * 124e6, 989e12
-    job, per_process, mfu = train_gpt2.speed(524288, 0.1, 8, flops_per_token, peak)
+    job, per_process, mfu = bench_speed.speed(524288, 0.1, 8, flops_per_token, peak)
     assert job == pytest.approx(5_242_880) and per_process == pytest.approx(655_360)
     assert mfu == pytest.approx(100 * flops_per_token * 655_360 / peak)  # ~49%, not 8 x that
-    assert train_gpt2.speed(524288, 0.1, 1, flops_per_token, peak)[2] == pytest.approx(8 * mfu)
-    assert train_gpt2.speed(524288, 0.1, 8, flops_per_token, None)[2] is None
+    assert bench_speed.speed(524288, 0.1, 1, flops_per_token, peak)[2] == pytest.approx(8 * mfu)
+    assert bench_speed.speed(524288, 0.1, 8, flops_per_token, None)[2] is None
 
 
 def test_peak_flops_setting_gives_an_mfu_on_any_device(tmp_path):
@@ -48,12 +49,12 @@ def test_without_torch_optim_muon_adamw_trains_and_muon_is_one_line(shard_dir, t
 
 def test_the_micro_batches_that_keep_the_total_are_the_powers_of_two_that_divide_it():
     cfg = type("Cfg", (), dict(total_batch_size=524288, block_size=1024))
-    assert train_gpt2.micro_batches(cfg, 1) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
-    assert train_gpt2.micro_batches(cfg, 8) == [64, 32, 16, 8, 4, 2, 1]
+    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 1) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 8) == [64, 32, 16, 8, 4, 2, 1]
     cfg.total_batch_size = 3 * 1024 * 4  # 12 sequences: 4, 2 and 1 divide it; 8 does not
-    assert train_gpt2.micro_batches(cfg, 1) == [4, 2, 1]
+    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 1) == [4, 2, 1]
     cfg.total_batch_size = 1000  # not whole sequences
-    assert train_gpt2.micro_batches(cfg, 1) == []
+    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 1) == []
 
 
 def test_batch_size_auto_on_a_cpu_takes_the_configured_default(shard_dir, tmp_path):
@@ -67,11 +68,11 @@ def test_batch_size_auto_on_a_cpu_takes_the_configured_default(shard_dir, tmp_pa
     assert "auto: the largest that fits (on CUDA; elsewhere the default)" in help_text
 
 
-def test_batch_size_auto_with_a_preset_takes_the_presets_micro_batch(input_txt, tmp_path):
-    result = run_script("train_gpt2.py", "--preset=shakespeare", "--batch_size=auto", "--benchmark", "--device=cpu",
+def test_batch_size_auto_with_a_config_file_takes_the_largest_micro_batch_up_to_the_default(input_txt, tmp_path):
+    result = run_script("train_gpt2.py", "config/shakespeare.py", "--batch_size=auto", "--benchmark", "--device=cpu",
                         "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--total_batch_size=256")
     assert result.returncode == 0, result.stderr
-    assert "auto batch_size: 4 (the default 4 or" in result.stdout
+    assert "auto batch_size: 8 (the default 64 or" in result.stdout
 
 
 def test_out_of_memory_in_a_run_is_one_line_with_a_micro_batch_that_fits_the_total(shard_dir, tmp_path, capsys,

@@ -292,7 +292,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(capsys, tmp_path, model_dir, 
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("not a model")
     status, _, err = run_main(capsys, "--model", str(not_a_model), "--data", data_file, "--device", "cpu")
-    assert status == 2 and err.count("\n") == 1 and "notes.txt is corrupted or not a checkpoint" in err
+    assert status == 2 and err.count("\n") == 1 and "notes.txt is not a checkpoint (not a file that torch.save wrote)" in err and "delete" not in err
 
     # The same from a shell: one line on stderr, exit status 2, no traceback.
     bad = tmp_path / "bad.jsonl"

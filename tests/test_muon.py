@@ -92,7 +92,7 @@ def test_muon_resume_is_bit_for_bit_and_needs_muon(shard_dir, tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--optimizer=sgd", "error: --optimizer takes adamw or muon, not 'sgd'"),
-    ("--muon_lr=-0.01", "error: --muon_lr=-0.01: a learning rate must be above 0"),
+    ("--muon_lr=-0.01", "error: --muon_lr=-0.01: it takes a number above 0"),
     ("--muon_weight_decay=-1", "error: --muon_weight_decay=-1.0: it takes 0 or more"),
 ])
 def test_bad_optimizer_settings(shard_dir, tmp_path, capsys, flag, message):

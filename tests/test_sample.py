@@ -222,7 +222,7 @@ def test_an_empty_prompt_file_is_refused(tmp_path, capsys):
 
 def test_a_corrupted_checkpoint_is_refused(tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    assert "is corrupted or not a checkpoint" in refused([f"--init_from={tmp_path / 'ckpt.pt'}"], capsys)
+    assert "ckpt.pt is not a checkpoint (not a file that torch.save wrote)" in refused([f"--init_from={tmp_path / 'ckpt.pt'}"], capsys)
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):

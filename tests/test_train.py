@@ -74,14 +74,15 @@ def test_tokenizer_is_gpt2():
 
 def test_settings_defaults_and_overrides():
     s, given = parse_settings([])
-    assert given == set()
+    assert given == {}
     assert (s["total_batch_size"], s["batch_size"], s["block_size"], s["max_lr"], s["min_lr"]) == (524288, 64, 1024, 6e-4, 6e-5)
     assert (s["warmup_steps"], s["max_steps"], s["weight_decay"], s["grad_clip"], s["seed"]) == (715, 19073, 0.1, 1.0, 1337)
     s, given = parse_settings(["--max_lr=1e-3", "--n_layer=4", "--hellaswag=False", "--compile=True", "--out_dir=x"])
-    assert given == {"max_lr", "n_layer", "hellaswag", "compile", "out_dir"}
+    assert set(given) == {"max_lr", "n_layer", "hellaswag", "compile", "out_dir"}
     assert s["max_lr"] == 1e-3 and s["n_layer"] == 4 and s["hellaswag"] is False and s["compile"] is True
-    s, _ = parse_settings(["--preset=shakespeare", "--max_steps=7"])
-    assert s["data_dir"] == "input.txt" and s["max_steps"] == 7  # the flag wins over the preset
+    s, given = parse_settings(["config/shakespeare.py", "--max_steps=7"])
+    assert s["data_dir"] == "input.txt" and s["max_steps"] == 7  # the flag wins over the config file
+    assert given["data_dir"] == "config/shakespeare.py" and given["max_steps"] == "--max_steps"
 
 
 def test_help_lists_every_setting():
@@ -95,7 +96,7 @@ def test_help_lists_every_setting():
     ("--max_lrr=1", "unknown setting --max_lrr; did you mean --max_lr?"),
     ("--n_layer=four", "--n_layer takes a whole number, not 'four'"),
     ("--hellaswag=yes", "--hellaswag takes True or False, not 'yes'"),
-    ("--preset=huge", "unknown preset 'huge'"),
+    ("config/huge.py", "config file config/huge.py does not exist"),
     ("max_lr=1", "write settings as --name=value"),
 ])
 def test_bad_flags(flag, message, capsys):
@@ -229,7 +230,7 @@ def test_sigterm_saves_and_exits_zero(shard_dir, tmp_path):
 
 
 def test_end_to_end_on_input_txt(input_txt, tmp_path):
-    result = run_script("train_gpt2.py", "--preset=shakespeare", "--n_layer=2", "--n_embd=64", "--n_head=2",
+    result = run_script("train_gpt2.py", "config/shakespeare.py", "--n_layer=2", "--n_embd=64", "--n_head=2",
                         "--block_size=64", "--batch_size=8", "--total_batch_size=512", "--max_steps=30",
                         "--eval_interval=30", "--warmup_steps=5", f"--out_dir={tmp_path}", "--sample_length=8")
     assert result.returncode == 0, result.stderr
@@ -354,7 +355,7 @@ def test_hellaswag_during_training_and_eval_only(input_txt, tmp_path):
               "endings": ["took out the bread.", "sang to the moon.", "painted the car blue.", "ran up the hill."]}
              for i in range(8)]
     (tmp_path / "hs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    args = ["--preset=shakespeare", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
+    args = ["config/shakespeare.py", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
             "--total_batch_size=128", "--max_steps=2", "--eval_interval=2", "--num_samples=0",
             "--hellaswag=True", f"--hellaswag_data={tmp_path / 'hs.jsonl'}", f"--out_dir={tmp_path / 'out'}"]
     result = run_script("train_gpt2.py", *args)

@@ -1,0 +1,22 @@
+# A 7M-parameter GPT-2 (6.4M of it the token embedding) on tiny Shakespeare, sized for a few minutes on a 2-core CPU:
+#     python train_gpt2.py config/shakespeare.py
+# Every line is `name = value` of a setting at the top of train_gpt2.py; flags after it still win.
+data_dir = "input.txt"
+out_dir = "log/shakespeare"
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+batch_size = 4
+total_batch_size = 1024
+max_steps = 250
+warmup_steps = 25
+max_lr = 2e-3
+min_lr = 2e-4
+eval_interval = 50
+eval_iters = 8
+checkpoint_interval = 250
+hellaswag = False
+num_samples = 1
+sample_length = 64
+sample_prompt = "ROMEO:"

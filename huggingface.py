@@ -1,0 +1,115 @@
+"""
+Hugging Face's GPT2LMHeadModel and train_gpt2.py's GPT, one into the other: OpenAI's weights in (init_from=gpt2),
+a trained model out (--export_hf=DIR) as a directory that transformers loads offline, tokenizer included.
+
+    python train_gpt2.py --init_from=gpt2 ...                                        # OpenAI's GPT-2 124M
+    python train_gpt2.py --init_from=resume --out_dir=log/shakespeare --export_hf=log/shakespeare/hf
+
+The two models have the same modules under the same names; OpenAI's checkpoints store four of the weight
+matrices as Conv1D, (in, out), where nn.Linear wants (out, in), and our vocabulary is padded to a multiple of 64.
+Only train_gpt2.py imports this file, and it imports nothing of train_gpt2.py's.
+"""
+
+import os
+import shutil
+import socket
+from urllib.parse import urlparse
+
+import torch
+
+from common import UserError, check_writable_dir, gpt2_bpe_files
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HUB_TIMEOUT = 5  # seconds to wait for the hub before saying it cannot be reached
+
+
+def quiet_transformers():
+    """transformers' and the hub's progress bars, notes and retry warnings would bury our own messages."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import logging
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def hub_reachable():
+    """Whether the Hugging Face hub answers within HUB_TIMEOUT: offline, transformers would retry for a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_gpt2(name_or_dir):
+    """(config, state): a GPT2LMHeadModel's shape as GPTConfig's fields, and its weights in GPT's layout (Linear,
+    vocabulary unpadded), from the hub (a name such as gpt2) or a directory. A model already in the local cache
+    loads without the network."""
+    from transformers import GPT2LMHeadModel
+    quiet_transformers()
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
+    except OSError:
+        if os.path.isdir(name_or_dir) or not hub_reachable():
+            where = "the directory holds no GPT-2 model" if os.path.isdir(name_or_dir) else \
+                "it is not in the local cache and the Hugging Face hub cannot be reached (offline?)"
+            raise UserError(f"cannot load Hugging Face model '{name_or_dir}': {where}; give a directory that "
+                            f"transformers' save_pretrained wrote, or a checkpoint file") from None
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as e:
+            raise UserError(f"cannot load Hugging Face model '{name_or_dir}': {str(e).splitlines()[0]}") from None
+    c = hf.config
+    config = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                  n_embd=c.n_embd, tie_head=bool(getattr(c, "tie_word_embeddings", True)))
+    state = {}
+    for key, value in hf.state_dict().items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or (key == "lm_head.weight" and config["tie_head"]):
+            continue  # the causal mask's buffers; a tied head is the embedding
+        state[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
+    return config, state
+
+
+def hf_state_dict(model):
+    """The model's weights in GPT2LMHeadModel's layout: Conv1D transposed, vocabulary unpadded."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        elif key in ("transformer.wte.weight", "lm_head.weight"):
+            value = value[:model.config.vocab_size]
+        state[key] = value.contiguous()
+    return state
+
+
+def save_hf(model, directory):
+    """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
+    model.safetensors, generation_config.json (generation stops at the model's context) and the tokenizer's
+    files."""
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    check_writable_dir(directory, "export_hf")
+    quiet_transformers()
+    c = model.config
+    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                           n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                           tie_word_embeddings=c.tie_head)
+    with torch.device("meta"):  # no memory or time spent on weights that are replaced at once
+        hf = GPT2LMHeadModel(hf_config)
+    hf.load_state_dict(hf_state_dict(model), assign=True, strict=False)
+    if c.tie_head:
+        hf.tie_weights()
+    # Learned positions end at block_size: past it transformers would index outside the position embedding.
+    hf.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256, max_length=c.block_size)
+    hf.save_pretrained(directory)
+    # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
+    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
+    GPT2TokenizerFast.from_pretrained(directory, model_max_length=c.block_size).save_pretrained(directory)
+    # safetensors writes its file private (0600); every file of the export gets the usual mode of new files.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)

@@ -1,0 +1,113 @@
+"""Config files, as nanoGPT has them: `python train_gpt2.py config/NAME.py --flag=...` reads plain `name = value`
+lines (never running them), the flags win, and a new run prints every setting that differs from the constants at
+the top of train_gpt2.py with where its value came from, so that an edit at the top is never silently undone."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY, read_log
+from train_gpt2 import parse_settings
+
+# The files a copy of the repository needs to train (the tests edit the copy's train_gpt2.py, never the real one).
+SOURCES = ["train_gpt2.py", "common.py", "fsdp.py", "huggingface.py", "hellaswag.py", "plot.py", "bench/speed.py"]
+
+
+@pytest.fixture
+def copy(tmp_path):
+    """A copy of the repository's training files in tmp_path, with its own config/ directory."""
+    for name in SOURCES:
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    (tmp_path / "config").mkdir()
+    return tmp_path
+
+
+def edit_top(copy, name, value):
+    """Change the constant `name` at the top of the copy's train_gpt2.py, as a user would in an editor."""
+    path = copy / "train_gpt2.py"
+    text, count = re.subn(rf"^{name} = \S+", f"{name} = {value}", path.read_text(), count=1, flags=re.M)
+    assert count == 1
+    path.write_text(text)
+
+
+def train(copy, *args):
+    """train_gpt2.py of the copy, with TINY's settings but for n_layer, which the tests set at the top or in a file."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    tiny = [arg for arg in TINY if not arg.startswith("--n_layer=")]
+    return subprocess.run([sys.executable, "train_gpt2.py", *tiny, *map(str, args)], cwd=copy, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def parameters(stdout):
+    return int(re.search(r"^([\d,]+) parameters \|", stdout, flags=re.M)[1].replace(",", ""))
+
+
+def test_the_shakespeare_config_file_sets_the_quick_start_and_flags_win():
+    settings, sources = parse_settings(["config/shakespeare.py", "--max_steps=100"])
+    assert (settings["data_dir"], settings["n_layer"], settings["n_embd"], settings["max_steps"]) == ("input.txt", 4, 128, 100)
+    assert sources["n_layer"] == "config/shakespeare.py" and sources["max_steps"] == "--max_steps"
+    # A flag before the file wins too: files first, then every flag.
+    settings, sources = parse_settings(["--n_layer=2", "config/shakespeare.py"])
+    assert settings["n_layer"] == 2 and sources["n_layer"] == "--n_layer"
+
+
+def test_an_edit_at_the_top_takes_effect_where_the_config_file_does_not_set_it(copy, shard_dir):
+    edit_top(copy, "n_layer", "1")
+    (copy / "config" / "mine.py").write_text('"""Only the learning rate."""\nmax_lr = 1e-3  # a comment\n')
+    result = train(copy, "config/mine.py", f"--data_dir={shard_dir}", "--out_dir=log/a", "--max_steps=1")
+    assert result.returncode == 0, result.stderr
+    # One block of 2 x 32 x (4 x 32) weights and biases fewer than TINY's two blocks: the edit took effect.
+    two_blocks = train(copy, f"--data_dir={shard_dir}", "--out_dir=log/b", "--max_steps=1", "--n_layer=2")
+    assert parameters(two_blocks.stdout) - parameters(result.stdout) == 12_704
+    assert "n_layer" not in result.stdout.split(" parameters |")[0]  # the run's own value is the file's: not listed
+    assert re.search(r"^  max_lr = 0\.001 +# config/mine\.py$", result.stdout, flags=re.M)
+    assert [kind for _, kind, _ in read_log(copy / "log" / "a" / "log.txt")].count("train") == 1
+
+
+def test_an_edit_at_the_top_that_the_config_file_overrides_is_printed_with_its_source(copy, shard_dir):
+    edit_top(copy, "n_layer", "1")
+    (copy / "config" / "mine.py").write_text("n_layer = 3\n")
+    result = train(copy, "config/mine.py", f"--data_dir={shard_dir}", "--out_dir=log/a", "--max_steps=1")
+    assert result.returncode == 0, result.stderr
+    head = result.stdout.split(" parameters |")[0]
+    assert head.startswith("settings that differ from the top of train_gpt2.py:\n")
+    assert re.search(r"^  n_layer = 3 +# config/mine\.py$", head, flags=re.M)
+    assert re.search(r"^  max_steps = 1 +# --max_steps$", head, flags=re.M)
+    assert parameters(result.stdout) - parameters(train(copy, f"--data_dir={shard_dir}", "--out_dir=log/b",
+                                                        "--max_steps=1").stdout) == 2 * 12_704  # 3 blocks, not 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("n_layers = 4\n", "mine.py:1: unknown setting 'n_layers'; did you mean 'n_layer'?"),
+    ("max_lr = 1e-3\nn_layer = 2 * 2\n", "mine.py:2: n_layer = 2 * 2: the value must be a literal"),
+    ("import os\n", "mine.py:1: a config file holds only `name = value` lines, each value a literal"),
+    ("print('ran')\n", "mine.py:1: a config file holds only `name = value` lines"),
+    ("n_layer = \n", "mine.py:1: not valid Python"),
+    ("n_layer = '4'\n", "mine.py:1: n_layer = '4': it takes a whole number, like its default 12"),
+    ("hellaswag = 0\n", "mine.py:1: hellaswag = 0: it takes True or False"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_line(copy, text, message):
+    (copy / "config" / "mine.py").write_text(text)
+    result = train(copy, "config/mine.py")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: config/") and message in result.stderr
+    assert "ran" not in result.stdout and not os.path.exists(copy / "log")  # nothing ran, nothing was made
+
+
+def test_a_missing_config_file_and_a_stray_word_are_one_line(copy):
+    missing = train(copy, "config/nothing.py")
+    assert missing.returncode == 2 and "error: config file config/nothing.py does not exist" in missing.stderr
+    stray = train(copy, "max_lr=1")
+    assert stray.returncode == 2 and "cannot read 'max_lr=1'" in stray.stderr and "config file" in stray.stderr
+
+
+def test_a_number_setting_takes_a_whole_number_from_a_config_file_and_a_float_takes_an_int(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("max_lr = 1\nbatch_size = 'auto'\nshuffle = False\n")
+    settings, sources = parse_settings([str(path)])
+    assert settings["max_lr"] == 1.0 and isinstance(settings["max_lr"], float)
+    assert settings["batch_size"] == "auto" and settings["shuffle"] is False and sources["shuffle"] == str(path)
