@@ -42,6 +42,12 @@ def run_main(function, *args, interrupted=""):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # torch reports a CPU's failed allocation as a RuntimeError
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory: the settings ask for more than this machine has ({type(e).__name__}"
+              f"{': ' + str(e).splitlines()[0][:200] if str(e) else ''}); choose smaller sizes", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         if interrupted:
             print(f"interrupted: {interrupted}", file=sys.stderr)
@@ -275,11 +281,15 @@ def atomic_write(path, write, size=None):
         os.replace(tmp, path)
     except Exception as e:
         # torch.save reports a full disk as a zip writer's RuntimeError; the OSError underneath says why.
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "unexpected pos" in str(e) or "No space left" in str(e):
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        if full or "unexpected pos" in str(e) or "No space left" in str(e):
+            written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+            if os.path.exists(tmp):
+                os.remove(tmp)  # before the free space is measured: the message says what is free without it
             needed = f"{size:,} bytes needed, " if size is not None else ""
             raise UserError(f"no space left on the disk of {os.path.dirname(path) or '.'} while writing "
-                            f"{os.path.basename(path)} ({needed}{os.path.getsize(tmp) if os.path.exists(tmp) else 0:,} bytes "
-                            f"written, {free_bytes(path):,} free after removing them); free some space") from None
+                            f"{os.path.basename(path)} ({needed}{written:,} bytes written, {free_bytes(path):,} "
+                            f"free after removing them); free some space") from None
         raise
     finally:
         if os.path.exists(tmp):
@@ -442,6 +452,15 @@ def release_out_dir(out_dir, lock, made, succeeded):
         os.rmdir(out_dir)
 
 
+def rotate_checkpoints(paths, keep, kept=()):
+    """Remove all but the newest `keep` of paths (a run's own checkpoints, oldest first), and those in kept;
+    returns the paths that remain."""
+    for old in paths[:-keep]:
+        if old not in kept:
+            os.remove(old)
+    return [path for path in paths if os.path.exists(path)]
+
+
 def check_room(out_dir, checkpoint_bytes, keep, existing):
     """Warn, before the first save, if the disk cannot hold keep + 1 checkpoints (the newest is written before
     the oldest is removed)."""
@@ -520,7 +539,7 @@ class StopSignals:
     """SIGTERM (preemption) and SIGINT (Ctrl-C), as a flag that every process reads alike: the run then saves
     its last finished step at once and exits with status 0. Under torchrun, reading it takes an all-reduce and
     a wait for the device, so that a long step or evaluation looks at it every few seconds, not at every
-    micro-batch (check_every); a step's end reads it together with the loss (step_end)."""
+    micro-batch (poll); a step's end reads it together with the loss (step_end)."""
     SECONDS = 5.0  # torchrun kills its workers 30 s after the signal: a look at the flag at least this often
 
     def __init__(self, system):
@@ -539,9 +558,10 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    def check_every(self, i):
-        """Whether to look at the flag before the i-th micro-batch of a step or an evaluation (i > 0)."""
-        return self.system.world_size == 1 or i % self.every == 0
+    def poll(self, i):
+        """Before the i-th micro-batch of a step or an evaluation: whether a signal came. The first goes on
+        without a look; under torchrun, the flag is read every `every` micro-batches, alike on every process."""
+        return i > 0 and (self.system.world_size == 1 or i % self.every == 0) and self.now()
 
     def step_end(self, loss_sum, seconds_per_micro_step):
         """(mean loss over the processes, whether any process got a signal), in one all-reduce and one wait;
@@ -564,6 +584,32 @@ def duration(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def rng_state(device_type):
+    """The process's random number generators' states: the CPU's, and the GPU's on CUDA."""
+    import torch
+    state = {"cpu": torch.get_rng_state()}
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    import torch
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def every_rank(value):
+    """[value of rank 0, value of rank 1, ...]: a picklable value gathered from every process ([value] alone)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def device_type_of(device):
@@ -677,6 +723,28 @@ def open_shard(path, vocab_size, check_ids=True):
     if check_ids:
         check_token_ids(path, tokens, vocab_size)
     return tokens
+
+
+def list_shards(data_dir, vocab_size, partial_data=False):
+    """(train, val): the paths of a directory's token shards (.bin or .npy, 'train' or 'val' in the name), their
+    headers and sizes checked (the token ids when each is opened)."""
+    if os.path.isfile(data_dir):
+        raise UserError(f"data_dir {data_dir} is a file but not a .txt file; give a text file (.txt) or a directory "
+                        f"of token shards (python fineweb.py --input {data_dir} makes one from most formats)")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} does not exist; make the shards with python fineweb.py, "
+                        f"or point --data_dir at a shard directory or a .txt file")
+    check_manifest(data_dir, partial_data)
+    pattern = os.path.join(glob.escape(data_dir), "*")
+    shards = sorted(glob.glob(pattern + ".bin") + glob.glob(pattern + ".npy"))
+    train = [s for s in shards if "train" in os.path.basename(s)]
+    val = [s for s in shards if "val" in os.path.basename(s)]
+    if not train or not val:
+        raise UserError(f"data_dir {data_dir} has {len(train)} training and {len(val)} validation shards (.bin or .npy "
+                        f"with 'train' or 'val' in the name); it needs at least one of each (python fineweb.py makes them)")
+    for shard in shards:
+        open_shard(shard, vocab_size, check_ids=False)
+    return train, val
 
 
 def check_manifest(data_dir, partial_data):

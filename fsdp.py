@@ -28,6 +28,14 @@ def whole(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def all_finite(parameters, device):
+    """Whether every weight is finite on every process: under FSDP each process sees only its own shards."""
+    finite = torch.tensor(float(all(torch.isfinite(local(p)).all() for p in parameters)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def shard_model(model, compile_blocks, dtype):
     """FSDP2, in place: each block is one unit, whose weights are gathered from every process just before its
     forward and its backward pass and freed after, and whose gradients are reduce-scattered back into shards;
@@ -52,20 +60,27 @@ def shard_model(model, compile_blocks, dtype):
     return model
 
 
-def memory_per_process(model, optimizers, device):
-    """(weights, gradients, optimizer state): the bytes that the process holding the most of them holds, from
-    the shapes of its parameters (of its shards, under FSDP). A gradient is as large as its weight; AdamW keeps
-    two moments of each of its parameters and Muon one of each matrix, from the first step on."""
+def memory_per_process(model, optimizers, device, sharded):
+    """(bytes of the whole model's weights, the line that says the memory of the process holding the most):
+    weights, gradients and optimizer state, from the shapes of its parameters (of its shards, under FSDP). A
+    gradient is as large as its weight; AdamW keeps two moments of each of its parameters and Muon one of each
+    matrix, from the first step on."""
     def size(p):
         return local(p).numel() * local(p).element_size()
     weights = sum(size(p) for p in model.parameters())
     gradients = sum(size(p) for p in model.parameters() if p.requires_grad)
     state = sum((2 if isinstance(o, torch.optim.AdamW) else 1) * size(p)
                 for o in optimizers for group in o.param_groups for p in group["params"])
-    sizes = torch.tensor([weights, gradients, state], dtype=torch.float64, device=device)
+    largest = torch.tensor([weights, gradients, state], dtype=torch.float64, device=device)
+    whole_model = torch.tensor([weights], dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-    return [int(n) for n in sizes.tolist()]
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(whole_model, op=dist.ReduceOp.SUM if sharded else dist.ReduceOp.MAX)
+    (weights, gradients, state), whole_model = largest.tolist(), whole_model.item()
+    return int(whole_model), (
+        f"memory per process: {weights / 1e9:.3g} GB weights + {gradients / 1e9:.3g} GB gradients + "
+        f"{state / 1e9:.3g} GB optimizer state = {(weights + gradients + state) / 1e9:.3g} GB before activations "
+        f"({'sharded by FSDP' if sharded else 'a whole copy on each process'}; from the shapes)")
 
 
 def parameter_names(model, optimizer):
@@ -107,5 +122,6 @@ def load_optimizer_state(model, optimizer, state, sharded):
         return
     names = parameter_names(model, optimizer)
     by_name = {"state": {names[i]: value for i, value in state["state"].items()},
-               "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

@@ -44,10 +44,9 @@ def hub_reachable():
         return False
 
 
-def load_gpt2(name_or_dir):
-    """(config, state): a GPT2LMHeadModel's shape as GPTConfig's fields, and its weights in GPT's layout (Linear,
-    vocabulary unpadded), from the hub (a name such as gpt2) or a directory. A model already in the local cache
-    loads without the network."""
+def load_gpt2(model_class, config_class, name_or_dir, dropout=0.0):
+    """train_gpt2.py's GPT (model_class, made from config_class) with a GPT2LMHeadModel's shape and weights, from
+    the hub (a name such as gpt2) or a directory. A model already in the local cache loads without the network."""
     from transformers import GPT2LMHeadModel
     quiet_transformers()
     try:
@@ -63,14 +62,17 @@ def load_gpt2(name_or_dir):
         except OSError as e:
             raise UserError(f"cannot load Hugging Face model '{name_or_dir}': {str(e).splitlines()[0]}") from None
     c = hf.config
-    config = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                  n_embd=c.n_embd, tie_head=bool(getattr(c, "tie_word_embeddings", True)))
-    state = {}
-    for key, value in hf.state_dict().items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or (key == "lm_head.weight" and config["tie_head"]):
-            continue  # the causal mask's buffers; a tied head is the embedding
-        state[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
-    return config, state
+    tied = bool(getattr(c, "tie_word_embeddings", True))
+    model = model_class(config_class(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                                     n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, tie_head=tied))
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in hf.state_dict().items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or (key == "lm_head.weight" and tied):
+                continue  # the causal mask's buffers; a tied head is the embedding
+            value = value.t() if key.endswith(CONV1D_WEIGHTS) else value
+            own[key][:value.shape[0]].copy_(value)  # our vocabulary is padded: the extra rows stay
+    return model
 
 
 def hf_state_dict(model):

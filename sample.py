@@ -8,6 +8,7 @@ Generate text with a GPT-2 model: a checkpoint of train_gpt2.py, OpenAI's GPT-2,
 
 The model is train_gpt2.py's GPT, loaded by its load_model: --init_from takes the same values there and here.
 Tokens are printed as they are generated, and each costs the model one position, thanks to its KV cache.
+generate() is also the trainer's: its samples at each evaluation come from it.
 """
 
 import codecs
@@ -50,9 +51,73 @@ def encode(tokenizer, prompt, device):
     return torch.tensor([tokens], device=device)
 
 
+class KVCache:
+    """The keys and values of the positions seen so far, so that each new token costs one position."""
+
+    def __init__(self, n_layer):
+        self.layers = [None] * n_layer  # per layer: (keys, values), each (B, nh, block_size, hs)
+        self.pos = 0                     # positions filled so far
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+             generator=None, use_cache=True):
+    """Continue the (B, T) token ids idx: yield max_new_tokens times a (B,) tensor of next tokens.
+
+    temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose probability
+    reaches p; repetition_penalty > 1 makes every token already in the text less likely (as CTRL and
+    transformers do it). Run the model in eval mode. With use_cache=False every token recomputes the whole
+    context: the reference that the cache must equal, and the baseline of the benchmark.
+
+    Past block_size the context slides, in jumps: the positions are learned embeddings, so a token's keys
+    and values depend on where it sits, and the cache cannot drop its oldest position and go on. When the
+    context outgrows block_size it restarts from its last block_size // 2 tokens (one prefill, then one
+    position a token again), so the model always sees between half a block and a full block of context.
+    """
+    block_size = model.config.block_size
+    seen = None  # (B, vocab_size): which tokens the text holds so far, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(idx.size(0), model.config.vocab_size, dtype=torch.bool, device=idx.device)
+        seen.scatter_(1, idx, True)
+    context, cache = idx, None
+    for _ in range(max_new_tokens):
+        if context.size(1) > block_size:
+            context, cache = context[:, -(block_size // 2):], None
+        if cache is not None:
+            hidden = model.hidden_states(context[:, -1:], cache=cache)  # only the newest token: the rest is cached
+        else:
+            cache = KVCache(model.config.n_layer) if use_cache else None
+            hidden = model.hidden_states(context, cache=cache)
+        logits = model.logits(hidden[:, -1]).float()  # only the last position predicts: (B, vocab_size)
+        if seen is not None:
+            penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
+        token = choose_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        context = torch.cat([context, token[:, None]], dim=1)
+        yield token
+
+
+def choose_token(logits, temperature, top_k, top_p, generator=None):
+    """(B, vocab_size) logits -> (B,) token ids: the likeliest if temperature is 0, else a draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the likeliest token has 0 before it and always stays
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
 def print_sample(model, tokenizer, prompt, args, generator):
     """Print the prompt, then its continuation token by token, up to <|endoftext|> or max_new_tokens."""
-    from train_gpt2 import generate
     idx = encode(tokenizer, prompt, next(model.parameters()).device)
     # A character may span several tokens: the decoder holds incomplete UTF-8 bytes until the rest comes.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -84,7 +149,6 @@ def typed_prompts():
 
 def benchmark_speed(model, tokenizer, prompt, max_new_tokens):
     """Print the tokens/s of greedy generation with and without the KV cache, and whether they agree."""
-    from train_gpt2 import generate
     c = model.config
     idx = encode(tokenizer, prompt, next(model.parameters()).device)
     print(f"{model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers x {c.n_embd}, block_size {c.block_size}), "

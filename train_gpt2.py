@@ -15,7 +15,7 @@ backend has a file of its own: fsdp.py (--fsdp), huggingface.py (OpenAI's weight
 bench/speed.py (--benchmark, --profile, --batch_size=auto).
 """
 
-import glob
+import json
 import math
 import os
 import secrets
@@ -34,14 +34,15 @@ import torch.nn.functional as F
 
 import bench.speed as bench_speed
 from bench.speed import device_peak_flops, speed
-from common import (StopSignals, Stopped, UserError, atomic_write, check_manifest, check_ranges, check_room,
-                    check_token_ids, check_writable_dir, checkpoint_paths, claim_out_dir, device_type_of, download, duration,
-                    first_on_each_node, get_tokenizer, next_commands, on_rank_zero, open_shard, parse_command_line, pick_device,
-                    pick_dtype, release_out_dir, run_main, settings_for_run, settings_of,
-                    split_text_tokens)
-from fsdp import full_state_dicts, load_optimizer_state, local, memory_per_process, shard_model, whole
+from common import (StopSignals, Stopped, UserError, atomic_write, check_ranges, check_room, check_token_ids,
+                    check_writable_dir, checkpoint_paths, claim_out_dir, device_type_of, download, duration, every_rank,
+                    first_on_each_node, get_tokenizer, list_shards, next_commands, on_rank_zero, open_shard,
+                    parse_command_line, pick_device, pick_dtype, release_out_dir, rng_state, rotate_checkpoints,
+                    run_main, set_rng_state, settings_for_run, settings_of, split_text_tokens)
+from fsdp import all_finite, full_state_dicts, load_optimizer_state, memory_per_process, shard_model, whole
 from hellaswag import evaluate as hellaswag_evaluate, load_for_training as load_hellaswag_examples
 from plot import RunLog, WandbRun
+from sample import generate
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B.
@@ -51,9 +52,9 @@ from plot import RunLog, WandbRun
 # data and output
 data_dir = "edu_fineweb10B"      # directory of token shards (*train*/*val*, .bin or .npy), or a .txt file
 partial_data = False             # train on a shard directory that fineweb.py has not finished (its manifest says so)
-shuffle = True                   # read the training chunks in a new random order each epoch (from seed); False: in file order
+shuffle = True                   # a new random order of the training chunks each epoch (from seed); False: file order
 out_dir = "log"                  # checkpoints, log.txt and samples go here; one run per directory
-init_from = "scratch"            # scratch, resume, gpt2[-medium|-large|-xl], a Hugging Face directory, or a checkpoint file
+init_from = "scratch"            # scratch, resume, gpt2[-medium|-large|-xl], a Hugging Face directory or a checkpoint
 # model (taken from the model when init_from loads one)
 n_layer = 12                     # transformer blocks
 n_head = 12                      # attention heads per block
@@ -63,7 +64,7 @@ vocab_size = 50257               # GPT-2's vocabulary; the embedding is padded t
 dropout = 0.0                    # dropout probability (0 for pretraining, ~0.1 for fine-tuning)
 activation_checkpointing = False # recompute activations in the backward pass: less memory, ~30% more compute
 # batch
-batch_size = 64                  # sequences per micro-batch, per process; auto: the largest that fits (on CUDA; elsewhere the default)
+batch_size = 64                  # sequences per micro-batch and process; auto: the largest that fits (on CUDA)
 total_batch_size = 524288        # tokens per optimizer step, across all processes (2**19)
 # optimizer and schedule
 max_steps = 19073                # optimizer steps: 10B tokens / 2**19 tokens per step
@@ -75,8 +76,8 @@ beta1 = 0.9                      # AdamW first-moment decay
 beta2 = 0.95                     # AdamW second-moment decay
 adam_eps = 1e-8                  # AdamW epsilon
 grad_clip = 1.0                  # clip the global gradient norm to this (0 to disable)
-optimizer = "adamw"              # adamw, or muon: Muon on the blocks' weight matrices, AdamW (the settings above) on the rest
-muon_lr = 4e-3                   # Muon's peak learning rate, in AdamW's units (each matrix's update has an AdamW-sized RMS)
+optimizer = "adamw"              # adamw, or muon: Muon on the blocks' weight matrices, AdamW (as above) on the rest
+muon_lr = 4e-3                   # Muon's peak learning rate, in AdamW's units (updates of an AdamW-sized RMS)
 muon_momentum = 0.95             # Muon's Nesterov momentum
 muon_weight_decay = 0.1          # Muon's decoupled weight decay
 # evaluation and logging
@@ -96,7 +97,7 @@ keep_checkpoints = 3             # how many of the newest checkpoints to keep in
 device = ""                      # cuda, cuda:N, mps or cpu; empty: the best available
 dtype = ""                       # bfloat16, float16 or float32; empty: the best the device supports
 compile = None                   # torch.compile the model; None: on for CUDA, off elsewhere
-fsdp = False                     # under torchrun, shard weights, gradients and AdamW state across processes (FSDP2), not copy them (DDP)
+fsdp = False                     # under torchrun: shard weights, gradients and optimizer state (FSDP2), not copy them
 seed = 1337                      # seeds every random number generator (each rank adds its rank)
 peak_flops = 0.0                 # FLOP/s of one device, for MFU; 0: from the GPU's name (H100, A100, ...)
 # modes
@@ -134,14 +135,6 @@ class GPTConfig:
         return (self.vocab_size + 63) // 64 * 64
 
 
-class KVCache:
-    """The keys and values of the positions seen so far, so that each new token costs one position."""
-
-    def __init__(self, n_layer):
-        self.layers = [None] * n_layer  # per layer: (keys, values), each (B, nh, block_size, hs)
-        self.pos = 0                     # positions filled so far
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_index):
@@ -154,11 +147,14 @@ class CausalSelfAttention(nn.Module):
         self.layer_index, self.block_size = layer_index, config.block_size
 
     def forward(self, x, cache=None):
+        """x (B, T, C); cache, in generation, a KVCache (sample.py) holding the keys and values of the positions
+        before these T."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             if cache.layers[self.layer_index] is None:
                 shape = (B, self.n_head, self.block_size, C // self.n_head)
@@ -272,20 +268,14 @@ class GPT(nn.Module):
         """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face hub, or a directory that
         transformers' save_pretrained wrote; huggingface.py converts the layout."""
         from huggingface import load_gpt2
-        config, state = load_gpt2(name_or_dir)
-        model = cls(GPTConfig(**config, dropout=dropout))
-        own = model.state_dict()
-        with torch.no_grad():
-            for key, value in state.items():
-                own[key][:value.shape[0]].copy_(value)  # the vocabulary may be padded: the extra rows stay
-        return model
+        return load_gpt2(cls, GPTConfig, name_or_dir, dropout)
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards, memory-mapped, or a .txt file tokenized in memory
 
 
 def find_data(data_dir, vocab_size, partial_data=False):
-    """(train, val): lists of token sources, each a shard path or an in-memory uint16 array."""
+    """(train, val): lists of token sources, each a shard path or an in-memory uint16 array (of a .txt file)."""
     if data_dir.endswith(".txt"):
         if os.path.basename(data_dir) == "input.txt":
             with first_on_each_node():  # one download per node; the other processes then find the file
@@ -301,23 +291,7 @@ def find_data(data_dir, vocab_size, partial_data=False):
         check_token_ids(data_dir, tokens, vocab_size)
         train, val = split_text_tokens(tokens)  # the last tenth validates, as with fineweb.py --input FILE.txt
         return [train], [val]
-    if os.path.isfile(data_dir):
-        raise UserError(f"data_dir {data_dir} is a file but not a .txt file; give a text file (.txt) or a directory "
-                        f"of token shards (python fineweb.py --input {data_dir} makes one from most formats)")
-    if not os.path.isdir(data_dir):
-        raise UserError(f"data_dir {data_dir} does not exist; make the shards with python fineweb.py, "
-                        f"or point --data_dir at a shard directory or a .txt file")
-    check_manifest(data_dir, partial_data)
-    pattern = os.path.join(glob.escape(data_dir), "*")
-    shards = sorted(glob.glob(pattern + ".bin") + glob.glob(pattern + ".npy"))
-    train = [s for s in shards if "train" in os.path.basename(s)]
-    val = [s for s in shards if "val" in os.path.basename(s)]
-    if not train or not val:
-        raise UserError(f"data_dir {data_dir} has {len(train)} training and {len(val)} validation shards (.bin or .npy "
-                        f"with 'train' or 'val' in the name); it needs at least one of each (python fineweb.py makes them)")
-    for shard in shards:
-        open_shard(shard, vocab_size, check_ids=False)  # headers and sizes now; token ids when each is opened
-    return train, val
+    return list_shards(data_dir, vocab_size, partial_data)
 
 
 def to_device(batch, device):
@@ -347,8 +321,8 @@ class DataLoader:
         lengths = [len(self.open(i, check_ids=False)) for i in range(len(sources))]
         self.chunks = [max(0, (n - 1) // (B * T)) for n in lengths]  # chunk k: tokens k*B*T to (k+1)*B*T inclusive
         if max(self.chunks) == 0:
-            raise UserError(f"every shard is shorter than one micro-batch of batch_size x block_size + 1 = {B * T + 1:,} "
-                            f"tokens; lower --batch_size or --block_size")
+            raise UserError(f"every shard is shorter than one micro-batch of batch_size x block_size + 1 = "
+                            f"{B * T + 1:,} tokens; lower --batch_size or --block_size")
         self.reset()
 
     def open(self, i, check_ids=True):
@@ -455,7 +429,7 @@ def setup_system(cfg):
     fsdp = getattr(cfg, "fsdp", False) and dist.is_initialized() and not (cfg.eval_only or cfg.export_hf)
     if fsdp and dtype == torch.float16:
         raise UserError("--fsdp trains in bfloat16 or float32, not float16 (whose loss scaler would judge each "
-                        "process's shard of the gradients apart): set --dtype=bfloat16, or --dtype=float32 on older GPUs")
+                        "process's shard of the gradients apart): set --dtype=bfloat16, or float32 on older GPUs")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     # float32: no mixed precision. Under FSDP the gathered weights themselves are cast (shard_model): no autocast.
     autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32 and not fsdp)
@@ -468,7 +442,7 @@ def grad_accum_steps_for(cfg, world_size):
     micro_batch = cfg.batch_size * cfg.block_size * world_size
     if cfg.total_batch_size % micro_batch:
         raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of batch_size x block_size x "
-                        f"processes = {cfg.batch_size} x {cfg.block_size} x {world_size} = {micro_batch:,}; change one of them")
+                        f"processes = {cfg.batch_size} x {cfg.block_size} x {world_size} = {micro_batch:,}; change one")
     return cfg.total_batch_size // micro_batch
 
 
@@ -486,7 +460,8 @@ def wrap_for_training(model, cfg, system):
     ddp_model = None
     if dist.is_initialized():
         model = ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[system.local_rank] if system.device_type == "cuda" else None, gradient_as_bucket_view=True)
+            model, device_ids=[system.local_rank] if system.device_type == "cuda" else None,
+            gradient_as_bucket_view=True)
     return (torch.compile(model) if compiles(cfg, system) else model), ddp_model
 
 
@@ -501,7 +476,7 @@ def train_step(step, model, ddp_model, optimizers, scaler, loader, cfg, system, 
         group["lr"] = lr * group["peak_lr"] / cfg.max_lr  # one schedule, each group at its own peak
     loss_sum, t0 = torch.zeros((), device=system.device), time.time()
     for micro_step in range(grad_accum_steps):
-        if micro_step > 0 and stops is not None and stops.check_every(micro_step) and stops.now():
+        if stops is not None and stops.poll(micro_step):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             return None
@@ -545,8 +520,8 @@ def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_step
     train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab,
                               shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
-    hellaswag_examples = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
-    optimizers = configure_optimizers(model, cfg, system.device_type)  # after sharding: FSDP's shards are the parameters
+    hella = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
+    optimizers = configure_optimizers(model, cfg, system.device_type)  # after sharding: the shards are the parameters
     scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)  # float16 only
     run = SimpleNamespace(model=model, optimizers=optimizers, scaler=scaler, train_loader=train_loader, step=0,
                           best_val_loss=float("inf"), best=None, good=None, pending=None, run_id=secrets.token_hex(4),
@@ -555,25 +530,28 @@ def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_step
         restore_training_state(run, checkpoint, cfg, system, say)
         say(f"resuming from step {run.step} of {cfg.out_dir}")
         del checkpoint  # free the host copy of the weights and optimizer state
-    wandb_run = open_out_dir(run, cfg) if system.master else None
+    wandb_run = None
+    if system.master:  # run.json: the settings, the run's id, and the tokens per step that plot.py needs
+        atomic_write(os.path.join(cfg.out_dir, "run.json"), lambda f: f.write(json.dumps(
+            {"tokens_per_step": cfg.total_batch_size, "run_id": run.run_id, "settings": vars(cfg)}, indent=1).encode()))
+        if cfg.wandb_project:  # the same W&B run as before the checkpoint, if there was one
+            wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=vars(cfg), resume_id=run.wandb_id)
+            run.wandb_id = wandb_run.id
     log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
     stops = StopSignals(system)
-    flops_per_token, peak = model.flops_per_token(), device_peak_flops(system.device, cfg.peak_flops)
+    flops, peak = model.flops_per_token(), device_peak_flops(system.device, cfg.peak_flops)
     say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
         f"{cfg.batch_size} x {cfg.block_size} tokens = {cfg.total_batch_size:,} tokens per step | {system.device}, "
         f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
-    weights, gradients, state = memory_per_process(model, optimizers, system.device)
-    say(f"memory per process: {weights / 1e9:.3g} GB weights + {gradients / 1e9:.3g} GB gradients + {state / 1e9:.3g} GB "
-        f"optimizer state = {(weights + gradients + state) / 1e9:.3g} GB before activations "
-        f"({'sharded by FSDP' if system.fsdp else 'a whole copy on each process'}; from the shapes)")
+    weights, line = memory_per_process(model, optimizers, system.device, system.fsdp)
+    say(line)
     if system.master:  # a checkpoint is about the weights and two AdamW moments
-        check_room(cfg.out_dir, 3 * weights * system.world_size if system.fsdp else 3 * weights,
-                   cfg.keep_checkpoints, len(run.checkpoints))
+        check_room(cfg.out_dir, 3 * weights, cfg.keep_checkpoints, len(run.checkpoints))
     unit = "GPU" if system.device_type == "cuda" else "process"
     first_step, began, clock, failures = run.step, time.time(), None, 0
     try:
         if run.step == 0:
-            run.best_val_loss = evaluate(0, model, val_loader, hellaswag_examples, cfg, system, log, stops)  # the baseline
+            run.best_val_loss = evaluate(0, model, val_loader, hella, cfg, system, log, stops)  # the baseline
         while run.step < cfg.max_steps:
             t0, start = time.time(), (train_loader.state_dict(), rng_state(system.device_type))
             try:
@@ -600,14 +578,15 @@ def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_step
             if clock is None:  # the first step's time includes compilation and warm-up: estimate from the others
                 clock = (time.time(), run.step + 1)
             done_since = run.step + 1 - clock[1]
-            seconds_left = (time.time() - clock[0]) / done_since * (cfg.max_steps - run.step - 1) if done_since else None
-            tokens_per_second, per_process, mfu = speed(cfg.total_batch_size, dt, system.world_size, flops_per_token, peak)
+            left = (time.time() - clock[0]) / done_since * (cfg.max_steps - run.step - 1) if done_since else None
+            tokens_per_second, per_process, mfu = speed(cfg.total_batch_size, dt, system.world_size, flops, peak)
             log.record(run.step, "train", loss, [
                 f"step {run.step + 1} of {cfg.max_steps}", f"lr {lr:.4e}",
                 *([f"muon lr {lr * cfg.muon_lr / cfg.max_lr:.4e}"] if cfg.optimizer == "muon" else []),
                 f"norm {norm:.4f}", f"{1000 * dt:.0f} ms",
-                f"{tokens_per_second:,.0f} tok/s", *([f"{per_process:,.0f} tok/s per {unit}"] if system.world_size > 1 else []),
-                *([f"mfu {mfu:.1f}%"] if mfu else []), *([f"{duration(seconds_left)} left"] if seconds_left is not None else [])],
+                f"{tokens_per_second:,.0f} tok/s",
+                *([f"{per_process:,.0f} tok/s per {unit}"] if system.world_size > 1 else []),
+                *([f"mfu {mfu:.1f}%"] if mfu else []), *([f"{duration(left)} left"] if left is not None else [])],
                 {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
             run.step += 1
             last = run.step == cfg.max_steps
@@ -615,14 +594,15 @@ def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_step
                 raise Stopped
             val_loss = None
             if run.step % cfg.eval_interval == 0 or last:
-                val_loss = evaluate(run.step, model, val_loader, hellaswag_examples, cfg, system, log, stops)
+                val_loss = evaluate(run.step, model, val_loader, hella, cfg, system, log, stops)
                 run.best_val_loss = min(run.best_val_loss, val_loss)
             if run.step % cfg.checkpoint_interval == 0 or last:
                 if not save_checkpoint(run, cfg, system, say, val_loss) and last:
                     raise UserError(f"step {run.step}: the model has non-finite weights, so no checkpoint was written; "
                                     + resume_advice(run, cfg))
-        say(f"done: {run.step - first_step} steps, {(run.step - first_step) * cfg.total_batch_size:,} tokens in "
-            f"{duration(time.time() - began)}; best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
+        steps = run.step - first_step
+        say(f"done: {steps} steps, {steps * cfg.total_batch_size:,} tokens in {duration(time.time() - began)}; "
+            f"best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
     except Stopped:
         save_checkpoint(run, cfg, system, say)
         say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
@@ -667,7 +647,7 @@ def validation_loss(model, loader, steps, autocast, device, stops=None):
     loader.reset()
     total = torch.zeros((), device=device)
     for i in range(steps):
-        if i > 0 and stops is not None and stops.check_every(i) and stops.now():
+        if stops is not None and stops.poll(i):
             raise Stopped
         x, y = to_device(loader.next_batch(), device)
         with autocast:
@@ -677,63 +657,6 @@ def validation_loss(model, loader, steps, autocast, device, stops=None):
         total /= dist.get_world_size()
     model.train()
     return total.item() / steps
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-             generator=None, use_cache=True):
-    """Continue the (B, T) token ids idx: yield max_new_tokens times a (B,) tensor of next tokens.
-
-    temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose probability
-    reaches p; repetition_penalty > 1 makes every token already in the text less likely (as CTRL and
-    transformers do it). Run the model in eval mode. With use_cache=False every token recomputes the whole
-    context: the reference that the cache must equal, and the baseline of the benchmark.
-
-    Past block_size the context slides, in jumps: the positions are learned embeddings, so a token's keys
-    and values depend on where it sits, and the cache cannot drop its oldest position and go on. When the
-    context outgrows block_size it restarts from its last block_size // 2 tokens (one prefill, then one
-    position a token again), so the model always sees between half a block and a full block of context.
-    """
-    block_size = model.config.block_size
-    seen = None  # (B, vocab_size): which tokens the text holds so far, for the repetition penalty
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(idx.size(0), model.config.vocab_size, dtype=torch.bool, device=idx.device)
-        seen.scatter_(1, idx, True)
-    context, cache = idx, None
-    for _ in range(max_new_tokens):
-        if context.size(1) > block_size:
-            context, cache = context[:, -(block_size // 2):], None
-        if cache is not None:
-            hidden = model.hidden_states(context[:, -1:], cache=cache)  # only the newest token: the rest is cached
-        else:
-            cache = KVCache(model.config.n_layer) if use_cache else None
-            hidden = model.hidden_states(context, cache=cache)
-        logits = model.logits(hidden[:, -1]).float()  # only the last position predicts: (B, vocab_size)
-        if seen is not None:
-            penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-            logits = torch.where(seen, penalized, logits)
-        token = choose_token(logits, temperature, top_k, top_p, generator)  # (B,)
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        context = torch.cat([context, token[:, None]], dim=1)
-        yield token
-
-
-def choose_token(logits, temperature, top_k, top_p, generator=None):
-    """(B, vocab_size) logits -> (B,) token ids: the likeliest if temperature is 0, else a draw."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k:
-        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # the likeliest token has 0 before it and always stays
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = logits.scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
 def samples(model, cfg, system):
@@ -765,7 +688,7 @@ def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log, stop
     log.record(step, "val", val_loss, [f"perplexity {perplexity:.2f}"], {"perplexity": perplexity})
     if hellaswag_examples is not None:
         model.eval()
-        stop = (lambda i: stops.check_every(i) and stops.now()) if stops is not None else None
+        stop = stops.poll if stops is not None else None
         with torch.compiler.set_stance("force_eager"):  # FSDP's compiled blocks would recompile at each batch shape
             result = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype, rank=system.rank,
                                         world_size=system.world_size, stop=stop)
@@ -787,34 +710,15 @@ def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log, stop
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def rng_state(device_type):
-    state = {"cpu": torch.get_rng_state()}
-    if device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(run, cfg, system, say, val_loss=None):
     """A checkpoint of everything the run needs to go on exactly where it is; never of non-finite weights.
     Keeps the newest keep_checkpoints of this run's checkpoints, its best (the lowest validation loss) and
     its last good one (one whose weights' training loss was below a uniform guess's), whatever the intervals:
     a run that blows up never pushes out the checkpoint to go back to. Returns whether one was written."""
-    finite = torch.tensor(float(all(torch.isfinite(local(p)).all() for p in run.model.parameters())), device=system.device)
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # under FSDP each process sees only its own shards
-    if not finite.item():
+    if not all_finite(run.model.parameters(), system.device):
         say(f"step {run.step}: the model has non-finite weights; no checkpoint written")
         return False
-    rng = [rng_state(system.device_type)]
-    if dist.is_initialized():  # every rank's random states, as a list indexed by rank
-        rng = [None] * dist.get_world_size()
-        dist.all_gather_object(rng, rng_state(system.device_type))
+    rng = every_rank(rng_state(system.device_type))
     model_state, optimizer_states = full_state_dicts(run.model, run.optimizers, system.fsdp)  # every rank takes part
     if not system.master:
         return True
@@ -824,15 +728,12 @@ def save_checkpoint(run, cfg, system, say, val_loss=None):
     run.pending = {"file": os.path.basename(path), "max_lr": cfg.max_lr}  # good or not: its next step's loss says
     state = {"model": model_state, "optimizers": optimizer_states, "scaler": run.scaler.state_dict(),
              "config": asdict(run.model.config), "settings": vars(cfg), "step": run.step,
-             "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss, "best_val_loss": run.best_val_loss,
-             "best": run.best, "good": run.good, "run_id": run.run_id, "wandb_id": run.wandb_id}
+             "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss,
+             "best_val_loss": run.best_val_loss, "best": run.best, "good": run.good, "run_id": run.run_id,
+             "wandb_id": run.wandb_id}
     atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint whole
-    run.checkpoints = sorted(set(run.checkpoints) | {path})
     kept = {os.path.join(cfg.out_dir, good["file"]) for good in (run.best, run.good) if good}
-    for old in run.checkpoints[:-cfg.keep_checkpoints]:  # only ever this run's own, oldest first
-        if old not in kept:
-            os.remove(old)
-    run.checkpoints = [p for p in run.checkpoints if os.path.exists(p)]
+    run.checkpoints = rotate_checkpoints(sorted(set(run.checkpoints) | {path}), cfg.keep_checkpoints, kept)
     say(f"saved {path}")
     return True
 
@@ -858,30 +759,19 @@ def restore_training_state(run, checkpoint, cfg, system, say):
             group["peak_lr"] = peak
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.train_loader.load_state_dict(checkpoint["loader"])
-    run.step, run.best_val_loss, run.wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("wandb_id")
-    run.best, run.good, run.run_id = checkpoint.get("best"), checkpoint.get("good"), checkpoint.get("run_id", run.run_id)
-    run.pending = {"file": f"ckpt_{run.step:07d}.pt", "max_lr": checkpoint["settings"].get("max_lr", cfg.max_lr)}
+    run.step, run.best_val_loss, run.best, run.good = map(checkpoint.get, ("step", "best_val_loss", "best", "good"))
+    run.run_id, run.wandb_id = checkpoint.get("run_id", run.run_id), checkpoint.get("wandb_id")
+    rate = checkpoint.get("settings", {}).get("max_lr", cfg.max_lr)  # the rate that made the checkpoint
+    run.pending = {"file": f"ckpt_{run.step:07d}.pt", "max_lr": rate}
     for good in (run.best, run.good):
         if good is not None:
-            good.setdefault("max_lr", checkpoint["settings"].get("max_lr", cfg.max_lr))
+            good.setdefault("max_lr", rate)
     rng = checkpoint["rng"]
     if len(rng) == system.world_size:
         set_rng_state(rng[system.rank])
     else:
-        say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states start afresh")
-
-
-def open_out_dir(run, cfg):
-    """On rank 0: run.json in out_dir (the settings, the run's id, and the tokens per step that plot.py needs
-    besides log.txt), and the W&B run if one is asked for: the same as before the checkpoint, if there was one."""
-    import json
-    run_json = {"tokens_per_step": cfg.total_batch_size, "run_id": run.run_id, "settings": vars(cfg)}
-    atomic_write(os.path.join(cfg.out_dir, "run.json"), lambda f: f.write(json.dumps(run_json, indent=1).encode()))
-    if not cfg.wandb_project:
-        return None
-    wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=vars(cfg), resume_id=run.wandb_id)
-    run.wandb_id = wandb_run.id
-    return wandb_run
+        say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states "
+            f"start afresh")
 
 
 def load_checkpoint(path):
@@ -983,15 +873,16 @@ def check_settings(cfg):
         raise UserError(f"--optimizer=muon needs torch 2.9 or newer (this is torch {torch.__version__}): "
                         f"pip install -U torch, or train with --optimizer=adamw")
     if cfg.profile and not cfg.benchmark:
-        raise UserError(f"--profile={cfg.profile} profiles the benchmark's steps: add --benchmark, or leave out --profile")
+        raise UserError(f"--profile={cfg.profile} profiles the benchmark's steps: add --benchmark, or leave out "
+                        f"--profile")
 
 
 def make_model(cfg, given, checkpoint):
     """The model the settings ask for: new, or loaded from init_from. A loaded model's shape is its own: the
     shape settings take its values, and one given on the command line that differs is refused."""
     if cfg.init_from == "scratch":
-        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, dropout=cfg.dropout, activation_checkpointing=cfg.activation_checkpointing))
+        return GPT(GPTConfig(**{name: getattr(cfg, name) for name in SHAPE}, dropout=cfg.dropout,
+                             activation_checkpointing=cfg.activation_checkpointing))
     model, _ = load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout, checkpoint=checkpoint)
     for name in SHAPE:
         own, value = getattr(model.config, name), getattr(cfg, name)
@@ -1017,10 +908,10 @@ def evaluate_only(model, checkpoint, cfg, system):
     vocab = model.config.vocab_size
     val_loader = DataLoader(find_data(cfg.data_dir, vocab)[1], cfg.batch_size, cfg.block_size, system.rank,
                             system.world_size, vocab)
-    hellaswag_examples = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
+    hella = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
     if system.master:
         print(f"evaluating --init_from={cfg.init_from} (after {step} steps); the results go to {cfg.out_dir}/evals.txt")
-    evaluate(step, model, val_loader, hellaswag_examples, cfg, system, RunLog(os.path.join(cfg.out_dir, "evals.txt"), system.master))
+    evaluate(step, model, val_loader, hella, cfg, system, RunLog(os.path.join(cfg.out_dir, "evals.txt"), system.master))
 
 
 def random_token_steps(model, step_model, ddp_model, cfg, system, batch_size, grad_accum_steps, moves=True):
@@ -1041,6 +932,8 @@ def random_token_steps(model, step_model, ddp_model, cfg, system, batch_size, gr
 
 def start(argv):
     """Read the settings, make or load the model, and run the mode asked for."""
+    # Until the loop takes the stop signals over, SIGTERM ends the run as Ctrl-C does: cleaning up what it made.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     settings, given = parse_settings(argv)
     checkpoint = checkpoint_of(settings["init_from"], settings["out_dir"])
     resuming = resumes(settings["init_from"], settings["out_dir"], checkpoint)
@@ -1064,13 +957,7 @@ def start(argv):
         on_rank_zero(lambda: check_writable_dir(directory, setting), system.master)
     try:
         torch.manual_seed(cfg.seed + system.rank)
-        try:
-            model = make_model(cfg, given, checkpoint)
-        except (MemoryError, RuntimeError) as e:  # a CPU's out-of-memory error is a RuntimeError
-            if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
-                raise
-            raise UserError(f"not enough memory to build the model ({cfg.n_layer} layers x {cfg.n_embd}, block_size "
-                            f"{cfg.block_size}); choose a smaller model or a shorter --block_size") from None
+        model = make_model(cfg, given, checkpoint)
         if cfg.export_hf:
             from huggingface import save_hf
             save_hf(model, cfg.export_hf)
@@ -1079,8 +966,9 @@ def start(argv):
         model.to(system.device)
         step_model, ddp_model = wrap_for_training(model, cfg, system)
         if cfg.batch_size == "auto":  # eager (the compiled model needs no more memory), through DDP where it runs
-            cfg.batch_size = bench_speed.search_batch_size(lambda batch: random_token_steps(
-                model, ddp_model or model, ddp_model, cfg, system, batch, 1, moves=False), cfg, system, SETTINGS["batch_size"])
+            def steps_at(batch):
+                return random_token_steps(model, ddp_model or model, ddp_model, cfg, system, batch, 1, moves=False)
+            cfg.batch_size = bench_speed.search_batch_size(steps_at, cfg, system, SETTINGS["batch_size"])
         grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)  # a bad total_batch_size: before any data
         if cfg.benchmark:
             return bench_speed.benchmark(random_token_steps(model, step_model, ddp_model, cfg, system, cfg.batch_size,
@@ -1090,8 +978,8 @@ def start(argv):
         train(model, step_model, ddp_model, checkpoint if resuming else None, cfg, system, grad_accum_steps)
         succeeded = True
     except torch.OutOfMemoryError:
-        raise UserError(bench_speed.out_of_memory_advice(cfg.batch_size, cfg.block_size, cfg.total_batch_size, system.world_size,
-                                             system.device)) from None
+        raise UserError(bench_speed.out_of_memory_advice(cfg.batch_size, cfg.block_size, cfg.total_batch_size,
+                                                         system.world_size, system.device)) from None
     finally:
         if training and system.master:
             release_out_dir(cfg.out_dir, *owned, succeeded)

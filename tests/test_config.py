@@ -13,7 +13,7 @@ from conftest import ROOT, TINY, read_log
 from train_gpt2 import parse_settings
 
 # The files a copy of the repository needs to train (the tests edit the copy's train_gpt2.py, never the real one).
-SOURCES = ["train_gpt2.py", "common.py", "fsdp.py", "huggingface.py", "hellaswag.py", "plot.py", "bench/speed.py"]
+SOURCES = ["train_gpt2.py", "common.py", "fsdp.py", "huggingface.py", "hellaswag.py", "plot.py", "sample.py", "bench/speed.py"]
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 from conftest import run_script  # noqa: E402
 from sample import main  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, choose_token, generate, load_model  # noqa: E402
+from sample import choose_token, generate  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, load_model  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, TINY, read_log, run_script, write_bin
 import train_gpt2
+from sample import KVCache
 from train_gpt2 import GPT, GPTConfig, DataLoader, get_lr, get_tokenizer, open_shard, parse_settings
 
 
@@ -52,7 +53,7 @@ def test_kv_cache_matches_full_pass():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256)).eval()
     idx = torch.randint(0, 256, (2, 20))
-    cache = train_gpt2.KVCache(2)
+    cache = KVCache(2)
     with torch.no_grad():
         parts = [model(idx[:, :12], cache=cache)[0], model(idx[:, 12:13], cache=cache)[0], model(idx[:, 13:], cache=cache)[0]]
         assert torch.allclose(torch.cat(parts, 1), model(idx)[0], atol=1e-5)
