@@ -248,16 +248,17 @@ def help_text(defaults, doc, source):
     return "\n".join(lines)
 
 
-def newest_run(out_dir, marker, default="log"):
-    """out_dir, unless it is the default and holds no `marker` (log.txt, a checkpoint pattern) while a run
-    directory below it does: then the newest such run, said on stderr. `python sample.py` after
-    `--preset=shakespeare` (which writes log/shakespeare) then finds that run."""
-    if os.path.normpath(out_dir) != default or glob.glob(os.path.join(glob.escape(out_dir), marker)):
+def newest_run(out_dir, default="log"):
+    """out_dir, unless it is the default and holds no run while a directory below it does: then the newest run
+    below it, said on stderr. A run is a directory with a log.txt, and the newest is the one whose log.txt was
+    written last: sample.py and plot.py, both after `python train_gpt2.py config/shakespeare.py` (which writes
+    log/shakespeare), take the same run."""
+    if os.path.normpath(out_dir) != default or os.path.exists(os.path.join(out_dir, "log.txt")):
         return out_dir
-    runs = [os.path.dirname(p) for p in glob.glob(os.path.join(glob.escape(out_dir), "**", marker), recursive=True)]
-    if not runs:
+    logs = glob.glob(os.path.join(glob.escape(out_dir), "**", "log.txt"), recursive=True)
+    if not logs:
         return out_dir
-    newest = max(runs, key=os.path.getmtime)
+    newest = os.path.dirname(max(logs, key=os.path.getmtime))
     print(f"note: {out_dir} holds no run; using the newest run below it, {newest} (set --out_dir to choose)",
           file=sys.stderr)
     return newest

@@ -69,6 +69,9 @@ def parse_args(argv):
     args = SimpleNamespace(**parse_command_line(argv, SETTINGS, __doc__, __file__)[0])
     if args.shard_size < 1 or args.workers < 1:
         raise UserError("--shard_size and --workers take a positive integer")
+    if args.shard_size > 2**31 - 1:  # llm.c's header counts a shard's tokens in an int32
+        raise UserError(f"--shard_size={args.shard_size}: a shard holds at most 2,147,483,647 tokens (its header "
+                        f"counts them in an int32); the default is 100,000,000")
     # train_gpt2.py tells training from validation shards by 'train' and 'val' in the file name.
     if not re.fullmatch(r"[\w.-]+", args.prefix) or "train" in args.prefix or "val" in args.prefix:
         raise UserError(f"--prefix={args.prefix}: use letters, digits, '_', '-' or '.', without 'train' or 'val'")
@@ -522,7 +525,17 @@ def claim_out_dir(out_dir):
         made.append(path)
         path = os.path.dirname(path)
     check_writable_dir(out_dir, "out_dir")
-    held_lock = lock_dir(out_dir, "another fineweb.py run")
+    try:
+        held_lock = lock_dir(out_dir, "another fineweb.py run")
+    except UserError:  # a full disk, say: the directories made for this run go, with the lock file in them
+        for directory in made:
+            for name in os.listdir(directory):
+                if name == ".lock":
+                    os.remove(os.path.join(directory, name))
+            if os.listdir(directory):
+                break
+            os.rmdir(directory)
+        raise
     try:
         removed = sweep_temporary_files(out_dir)
         if removed:

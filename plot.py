@@ -316,7 +316,7 @@ def parse_args(argv):
     args = SimpleNamespace(**parse_command_line(argv, settings_of(globals()), __doc__, __file__, positional="runs",
                                                 aliases={"-o": "output"})[0])
     # No run named, or log/ (the trainer's default out_dir) that holds none itself: the newest run below log/.
-    args.runs = [newest_run(run_dir, "log.txt") for run_dir in args.runs or ["log"]]
+    args.runs = [newest_run(run_dir) for run_dir in args.runs or ["log"]]
     if args.x not in ("step", "tokens"):
         raise UserError(f"--x takes step or tokens, not '{args.x}'")
     return args

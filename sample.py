@@ -198,7 +198,7 @@ def run(argv):
     from train_gpt2 import load_model, setup_system  # the model lives in the trainer
     args = parse_args(argv)
     if args.init_from == "resume":  # log/ after the quick start holds no run, log/shakespeare does
-        args.out_dir = newest_run(args.out_dir, "ckpt_*.pt")
+        args.out_dir = newest_run(args.out_dir)
     system = setup_system(args)
     model, _ = load_model(args.init_from, args.out_dir)
     model.to(system.device).eval()

@@ -524,8 +524,9 @@ def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_step
     optimizers = configure_optimizers(model, cfg, system.device_type)  # after sharding: the shards are the parameters
     scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)  # float16 only
     run = SimpleNamespace(model=model, optimizers=optimizers, scaler=scaler, train_loader=train_loader, step=0,
-                          best_val_loss=float("inf"), best=None, good=None, pending=None, run_id=secrets.token_hex(4),
-                          wandb_id=None, checkpoints=checkpoint_paths(cfg.out_dir))  # a new run's out_dir holds none
+                          best_val_loss=float("inf"), best=None, good=None, pending=None, lowest_loss=float("inf"),
+                          run_id=secrets.token_hex(4), wandb_id=None,
+                          checkpoints=checkpoint_paths(cfg.out_dir))  # a new run's out_dir holds none
     if checkpoint is not None:
         restore_training_state(run, checkpoint, cfg, system, say)
         say(f"resuming from step {run.step} of {cfg.out_dir}")
@@ -729,8 +730,8 @@ def save_checkpoint(run, cfg, system, say, val_loss=None):
     state = {"model": model_state, "optimizers": optimizer_states, "scaler": run.scaler.state_dict(),
              "config": asdict(run.model.config), "settings": vars(cfg), "step": run.step,
              "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss,
-             "best_val_loss": run.best_val_loss, "best": run.best, "good": run.good, "run_id": run.run_id,
-             "wandb_id": run.wandb_id}
+             "best_val_loss": run.best_val_loss, "best": run.best, "good": run.good, "lowest_loss": run.lowest_loss,
+             "run_id": run.run_id, "wandb_id": run.wandb_id}
     atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint whole
     kept = {os.path.join(cfg.out_dir, good["file"]) for good in (run.best, run.good) if good}
     run.checkpoints = rotate_checkpoints(sorted(set(run.checkpoints) | {path}), cfg.keep_checkpoints, kept)
@@ -739,10 +740,12 @@ def save_checkpoint(run, cfg, system, say, val_loss=None):
 
 
 def judge_pending(run, loss, vocab_size):
-    """The first training loss after a checkpoint is that of its weights: below a uniform guess's, ln(vocab_size),
-    the checkpoint is the run's last good one."""
-    if getattr(run, "pending", None) is not None:
-        if math.isfinite(loss) and loss < math.log(vocab_size):
+    """The first training loss after a checkpoint is that of its weights: within a nat of the run's lowest (and of
+    a uniform guess's, ln(vocab_size)), the checkpoint is the run's last good one. A run that blows up is far out."""
+    if math.isfinite(loss):
+        run.lowest_loss = min(run.lowest_loss, loss)
+    if run.pending is not None:
+        if math.isfinite(loss) and loss <= min(run.lowest_loss, math.log(vocab_size)) + 1:
             run.good = {**run.pending, "loss": loss}
         run.pending = None
 
@@ -761,6 +764,7 @@ def restore_training_state(run, checkpoint, cfg, system, say):
     run.train_loader.load_state_dict(checkpoint["loader"])
     run.step, run.best_val_loss, run.best, run.good = map(checkpoint.get, ("step", "best_val_loss", "best", "good"))
     run.run_id, run.wandb_id = checkpoint.get("run_id", run.run_id), checkpoint.get("wandb_id")
+    run.lowest_loss = checkpoint.get("lowest_loss", float("inf"))
     rate = checkpoint.get("settings", {}).get("max_lr", cfg.max_lr)  # the rate that made the checkpoint
     run.pending = {"file": f"ckpt_{run.step:07d}.pt", "max_lr": rate}
     for good in (run.best, run.good):

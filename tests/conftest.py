@@ -58,11 +58,27 @@ def input_txt():
     return path
 
 
-def run_script(script, *args, timeout=300, **kwargs):
-    """Run a script of the repository in a subprocess; returns the CompletedProcess."""
+def run_script(script, *args, timeout=300, cwd=ROOT, **kwargs):
+    """Run a script of the repository in a subprocess (in the repository's root, unless cwd says otherwise);
+    returns the CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+def tree_state(directory):
+    """{path: (size, mtime)} of every file below directory: what a test must leave as it found it."""
+    return {os.path.join(d, name): (os.path.getsize(os.path.join(d, name)), os.path.getmtime(os.path.join(d, name)))
+            for d, _, names in os.walk(directory) for name in names}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_users_log_is_left_alone():
+    """Tests are guests in a user's checkout: every run they start writes into a temporary directory, never into
+    the repository's log/, where the user's own runs are."""
+    before = tree_state(os.path.join(ROOT, "log"))
+    yield
+    assert tree_state(os.path.join(ROOT, "log")) == before, "a test wrote into the repository's log/"
 
 
 def read_log(path):

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from conftest import TINY, read_log, run_script
+from conftest import ROOT, TINY, read_log, run_script
 
 import plot
 
@@ -176,7 +176,10 @@ def test_naming_log_txt_instead_of_its_directory_says_so(tmp_path):
 @pytest.mark.parametrize("args", [["--x=epochs", "RUN"], ["--colour=red", "RUN"], []])
 def test_a_bad_command_line_is_one_error_line(tmp_path, args):
     run = write_run(tmp_path / "run", training_records())
-    one_error_line(run_script("plot.py", *[run if a == "RUN" else a for a in args]))
+    # In an empty directory: with no run named, plot.py looks in ./log, which must not be the user's.
+    (tmp_path / "empty").mkdir()
+    one_error_line(run_script(os.path.join(ROOT, "plot.py"), *[run if a == "RUN" else a for a in args],
+                              cwd=tmp_path / "empty"))
 
 
 def test_help_exits_0_and_names_the_flags():
