@@ -236,7 +236,7 @@ def test_torchrun_with_one_process_trains_like_python(shard_dir, tmp_path, monke
 
 
 def test_nccl_all_reduce_under_torchrun(tmp_path):
-    # train_gpt2.py starts a process group only for two processes or more; this checks, on one GPU, that
+    # train_gpt2.py starts a process group under torchrun, one process included; this checks, on one GPU, that
     # the backend a multi-GPU run would use comes up and reduces. On the CPU: gloo, as train_gpt2.py uses.
     backend = "nccl" if ON_CUDA else "gloo"
     script = tmp_path / "all_reduce.py"

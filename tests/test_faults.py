@@ -123,11 +123,12 @@ def test_the_best_checkpoint_outlives_diverged_ones_and_the_run_goes_back_to_it(
 
     # Going back to it resumes the run from step 4; the later checkpoints are set aside, not deleted.
     later = [name for name in checkpoints(out) if name != "ckpt_0000004.pt"]
-    assert "ckpt_0000004.pt" in checkpoints(out) and len(later) == 2  # the best survived the failing run's saves too
+    # The best survived the failing run's saves too, and so did the last good one (8, the last whose loss was seen).
+    assert "ckpt_0000004.pt" in checkpoints(out) and later == ["ckpt_0000008.pt", "ckpt_0000010.pt", "ckpt_0000012.pt"]
     monkeypatch.undo()
     status, stdout, err = train(capsys, *run, f"--init_from={best}", "--max_steps=6", "--max_lr=3e-4")
     assert status == 0, err
-    assert "resuming from step 4" in stdout and "set aside 2 later checkpoint(s)" in stdout
+    assert "resuming from step 4" in stdout and "set aside 3 later checkpoint(s)" in stdout
     assert checkpoints(out) == ["ckpt_0000004.pt", "ckpt_0000006.pt"]
     assert sorted(os.path.basename(p) for p in glob.glob(str(out / "*.abandoned"))) == [f"{name}.abandoned" for name in later]
     assert torch.load(out / "ckpt_0000006.pt", weights_only=True)["settings"]["max_lr"] == 3e-4

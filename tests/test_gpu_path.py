@@ -99,3 +99,67 @@ def test_a_checkpoint_is_mapped_from_its_file_not_read_whole(tmp_path):
     # The file is mapped into this process: its bytes stay in the page cache, which every process shares.
     assert str(path) in open("/proc/self/maps").read()
 
+
+
+@pytest.mark.parametrize("name, flops", [("NVIDIA H200 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                         ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_the_peak_flops_of_a_gpu_come_from_its_most_specific_name(name, flops, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert bench_speed.device_peak_flops("cuda:0") == flops
+
+
+def test_the_logits_come_out_whole_not_as_a_slice_of_the_padded_head():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=250))  # padded to 256
+    logits, loss = model(torch.randint(0, 250, (2, 16)), torch.randint(0, 250, (2, 16)))
+    # A slice of (2, 16, 256) would keep the padded columns' memory and be copied whole for the cross-entropy.
+    assert logits.shape == (2, 16, 250) and logits.is_contiguous()
+    assert logits.untyped_storage().nbytes() == 2 * 16 * 250 * 4
+    padded = model.lm_head(model.hidden_states(torch.zeros(1, 1, dtype=torch.long)))  # the same numbers as before
+    assert torch.allclose(model.logits(model.hidden_states(torch.zeros(1, 1, dtype=torch.long))), padded[..., :250])
+
+
+def test_under_torchrun_the_stop_flag_is_read_every_few_seconds_not_at_every_micro_step(monkeypatch):
+    from types import SimpleNamespace
+    import common
+    stops = common.StopSignals(SimpleNamespace(world_size=2, device="cpu"))
+    reads = []
+    monkeypatch.setattr(stops, "now", lambda: reads.append(1) or False)
+    # The processes' mean micro-step took 0.5 s: the flag is read every 10 micro-steps (5 s), the first never.
+    monkeypatch.setattr(common.torch.distributed if hasattr(common, "torch") else torch.distributed, "all_reduce",
+                        lambda tensor, op=None: tensor.mul_(2))
+    loss, stop = stops.step_end(torch.tensor(3.0), 0.5)
+    assert (loss, stop, stops.every) == (3.0, False, 10)
+    assert not any(stops.poll(i) for i in range(40)) and len(reads) == 3  # at 10, 20 and 30
+    one = common.StopSignals(SimpleNamespace(world_size=1, device="cpu"))
+    assert not one.poll(0) and not one.poll(1)  # one process: a look at a Python list, every micro-step
+
+
+def test_the_process_group_waits_an_hour_for_a_checkpoint_not_nccls_ten_minutes(monkeypatch):
+    from types import SimpleNamespace
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    train_gpt2.setup_system(SimpleNamespace(device="cpu", dtype="", fsdp=False, eval_only=False, export_hf=""))
+    assert calls[0]["timeout"].total_seconds() == 3600
+
+
+def test_each_micro_batch_try_starts_from_fresh_optimizer_state(monkeypatch):
+    """A try that ran out of memory inside the optimizer's step leaves half-made state: the next try must not see it."""
+    from types import SimpleNamespace
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=256))
+    cfg = SimpleNamespace(**{**train_gpt2.SETTINGS, "block_size": 16, "total_batch_size": 64, "compile": False})
+    system = train_gpt2.setup_system(SimpleNamespace(device="cpu", dtype="float32", fsdp=False, eval_only=False,
+                                                     export_hf=""))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    made = []
+    real = train_gpt2.configure_optimizers
+    monkeypatch.setattr(train_gpt2, "configure_optimizers", lambda *args: made.append(real(*args)) or made[-1])
+    for batch in (4, 2):
+        step = train_gpt2.random_token_steps(model, model, None, cfg, system, batch, 1, moves=False)
+        step(), step()
+    assert len(made) == 2 and made[0] is not made[1]
+    assert all(len(o.state) > 0 for o in made[1])  # AdamW's moments made by the first step, held by the second
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # rate 0: the weights stay
