@@ -1,4 +1,5 @@
 """Shared helpers: tiny token shards written by the tests, and running train_gpt2.py as a user would."""
+import errno
 import os
 import shutil
 import subprocess
@@ -79,6 +80,29 @@ def the_users_log_is_left_alone():
     before = tree_state(os.path.join(ROOT, "log"))
     yield
     assert tree_state(os.path.join(ROOT, "log")) == before, "a test wrote into the repository's log/"
+
+
+class FullDisk:
+    """A file as on a full disk: a write keeps its first 100 bytes, then fails; so does a flush."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(data[:100] if isinstance(data, str) else bytes(data)[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, attribute):
+        return getattr(self.f, attribute)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.f.close()
 
 
 def read_log(path):

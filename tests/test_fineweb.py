@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import fineweb  # noqa: E402
 from common import get_tokenizer, open_shard  # noqa: E402
+from conftest import FullDisk  # noqa: E402
 
 EOT = "<|endoftext|>"
 ENC = get_tokenizer()
@@ -446,20 +447,6 @@ def test_a_full_disk_is_one_line_with_the_room_needed_and_left(tmp_path, capsys,
     write_jsonl(tmp_path / "c.jsonl", make_documents(40, seed=5))
     out = tmp_path / "out"
     name = {"shard": "edufineweb_val_000000.bin", "manifest": "manifest.json"}[target]
-
-    class FullDisk:
-        """A file that takes 100 bytes, then fails as a write to a full disk does."""
-        def __init__(self, f):
-            self.f = f
-        def write(self, data):
-            self.f.write(bytes(data)[:100])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        def __getattr__(self, attribute):
-            return getattr(self.f, attribute)
-        def __enter__(self):
-            return self
-        def __exit__(self, *exception):
-            self.f.close()
 
     def full_disk_open(path, *args, **kwargs):
         f = open(path, *args, **kwargs)
