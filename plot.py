@@ -24,7 +24,7 @@ from common import UserError, atomic_write, newest_run, parse_command_line, run_
 # -----------------------------------------------------------------------------
 # Settings of the command line (python plot.py --help)
 
-runs = []                # the runs to draw: their out_dirs, where log.txt is (the words without --); none: the newest under log/
+runs = []                # the runs to draw: their out_dirs (the words without --); none: the newest run under log/
 output = ""              # the PNG to write (-o works too); empty: curves.png in the first run's directory
 x = "step"               # the x axis: step, or tokens (tokens_per_step from each run's run.json)
 
@@ -139,7 +139,8 @@ def draw(run_dirs, output, x="step"):
     fig = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     # One color a run, in both panels; x in steps or tokens.
-    runs = [(name, log, scale, f"C{i % 10}") for i, (name, log, scale) in enumerate(zip(run_names(run_dirs), logs, scales))]
+    runs = [(name, log, scale, f"C{i % 10}")
+            for i, (name, log, scale) in enumerate(zip(run_names(run_dirs), logs, scales))]
     # Without HellaSwag records (hellaswag=False, as in the Shakespeare preset) the loss takes the whole width.
     with_hellaswag = any(log.get("hella") for log in logs)
     axes = list(fig.subplots(1, 2)) if with_hellaswag else [fig.subplots(1, 1)]

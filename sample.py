@@ -23,7 +23,7 @@ from common import UserError, get_tokenizer, newest_run, parse_command_line, run
 # -----------------------------------------------------------------------------
 # Settings (python sample.py --help)
 
-init_from = "resume"             # resume (the newest checkpoint in --out_dir), a checkpoint file, gpt2[-medium|-large|-xl] or a Hugging Face directory
+init_from = "resume"             # resume (the newest checkpoint in --out_dir), a checkpoint, gpt2[-xl] or a HF directory
 out_dir = "log"                  # where --init_from=resume looks; log/ with no checkpoint: the newest run below it
 prompt = ""                      # text to continue; empty: start a new document (<|endoftext|>)
 prompt_file = ""                 # read the prompt from this file instead
@@ -157,7 +157,8 @@ def benchmark_speed(model, tokenizer, prompt, max_new_tokens):
     for use_cache in (True, False):
         list(generate(model, idx, 8, temperature=0, use_cache=use_cache))  # warm up kernels and allocator
         start = time.perf_counter()
-        outputs[use_cache] = torch.cat(list(generate(model, idx, max_new_tokens, temperature=0, use_cache=use_cache))).tolist()
+        tokens = generate(model, idx, max_new_tokens, temperature=0, use_cache=use_cache)
+        outputs[use_cache] = torch.cat(list(tokens)).tolist()
         speed[use_cache] = max_new_tokens / (time.perf_counter() - start)  # tolist() waited for the device
         print(f"{'with' if use_cache else 'without'} KV cache: {speed[use_cache]:8.1f} tokens/s")
     same = "the same" if outputs[True] == outputs[False] else "DIFFERENT"

@@ -37,7 +37,8 @@ import bench.speed as bench_speed
 from bench.speed import device_peak_flops, speed
 from common import (StopSignals, Stopped, UserError, atomic_write, check_ranges, check_room, check_token_ids,
                     check_writable_dir, checkpoint_paths, claim_out_dir, device_type_of, download, duration, every_rank,
-                    first_on_each_node, get_tokenizer, list_shards, next_commands, on_rank_zero, open_shard,
+                    first_on_each_node, get_tokenizer, judge_pending, list_shards, load_torch_file, next_commands,
+                    on_rank_zero, open_shard, resume_advice,
                     parse_command_line, pick_device, pick_dtype, release_out_dir, rng_state, rotate_checkpoints,
                     run_main, set_rng_state, settings_for_run, settings_of, split_text_tokens)
 from fsdp import all_finite, full_state_dicts, load_optimizer_state, memory_per_process, shard_model, whole
@@ -625,21 +626,6 @@ def rewind(run, start):
         optimizer.zero_grad(set_to_none=True)
 
 
-def resume_advice(run, cfg):
-    """Where to go on from after a run went wrong: its best checkpoint (the lowest validation loss) or else its
-    last good one (a training loss below the uniform guess's), at a lower rate than the run that wrote it."""
-    good = run.best or run.good
-    if good is None:
-        return (f"no checkpoint of this run is good to go back to: start again with a lower --max_lr (this run "
-                f"used {cfg.max_lr:g}) or a longer --warmup_steps, in a new --out_dir")
-    path = os.path.join(cfg.out_dir, good["file"])
-    quality = f"validation loss {good['val_loss']:.4f}" if "val_loss" in good else f"training loss {good['loss']:.4f}"
-    kind = "best" if good is run.best else "last good"
-    return (f"the {kind} checkpoint is {path} ({quality}): go on from it with a lower learning rate, python "
-            f"train_gpt2.py --init_from={shlex.quote(path)} --out_dir={shlex.quote(cfg.out_dir)} "
-            f"--max_lr={good['max_lr'] / 2:g}")
-
-
 # -----------------------------------------------------------------------------
 # Evaluation: validation loss, samples, HellaSwag
 
@@ -742,17 +728,6 @@ def save_checkpoint(run, cfg, system, say, val_loss=None):
     return True
 
 
-def judge_pending(run, loss, vocab_size):
-    """The first training loss after a checkpoint is that of its weights: within a nat of the run's lowest (and of
-    a uniform guess's, ln(vocab_size)), the checkpoint is the run's last good one. A run that blows up is far out."""
-    if math.isfinite(loss):
-        run.lowest_loss = min(run.lowest_loss, loss)
-    if run.pending is not None:
-        if math.isfinite(loss) and loss <= min(run.lowest_loss, math.log(vocab_size)) + 1:
-            run.good = {**run.pending, "loss": loss}
-        run.pending = None
-
-
 def restore_training_state(run, checkpoint, cfg, system, say):
     """Optimizers, loss scaler, data position, step and random states from a checkpoint of this run."""
     if "optimizers" not in checkpoint:
@@ -782,20 +757,8 @@ def restore_training_state(run, checkpoint, cfg, system, say):
 
 
 def load_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True: reading it runs no code. The tensors are mapped from
-    the file, not read into memory: eight processes resuming GPT-2 XL do not each hold a 19 GB copy."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    if not is_zip:  # torch.save writes a zip archive
-        raise UserError(f"{path} is not a checkpoint (not a file that torch.save wrote); give a ckpt_*.pt file "
-                        f"of train_gpt2.py, resume, a GPT-2 name or a Hugging Face directory")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupted or not a checkpoint ({type(e).__name__}); delete it "
-                        f"to resume from an older one") from None
+    """A checkpoint dict of this script, loaded safely and mapped from its file (common.load_torch_file)."""
+    checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of this script (no model, config or step in it)")
     return checkpoint

@@ -109,7 +109,8 @@ def find_batch_size(fits, candidates, device, say):
         if dist.is_initialized():
             dist.all_reduce(fit, op=dist.ReduceOp.MIN)  # it must fit on every process
         if fit.item():
-            tried = ", ".join(f"{b}: out of memory" for b in out_of_memory) or "the largest candidate; a larger one may fit"
+            tried = ", ".join(f"{b}: out of memory" for b in out_of_memory) or \
+                "the largest candidate; a larger one may fit"
             say(f"auto batch_size: {batch} ({tried})")
             return batch
         out_of_memory.append(batch)
