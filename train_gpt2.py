@@ -251,7 +251,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, vocab_size), and the mean cross-entropy if targets (B, T) are given."""
-        logits = self.logits(self.hidden_states(idx, cache))
+        # Through the class: under FSDP the instance's own hidden_states and logits gather the root's weights (for
+        # generation and HellaSwag), which forward has done already; again would double the root's all-gathers.
+        logits = GPT.logits(self, GPT.hidden_states(self, idx, cache))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -187,3 +187,35 @@ def test_every_rank_scores_as_many_hellaswag_batches(monkeypatch):
     counts = [hellaswag.evaluate(model, examples, "cpu", torch.float32, rank=rank, world_size=2, batch_size=1)[2]
               for rank in (0, 1)]
     assert counts == [2, 1] and scored == [1, 1, 1, 1]  # rank 0: two batches; rank 1: one, and one again
+
+
+COUNT_ALL_GATHERS = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+import train_gpt2
+from fsdp import shard_model
+dist.init_process_group("gloo")
+model = train_gpt2.GPT(train_gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=256))
+shard_model(model, False, torch.float32)
+calls, gather = [], param_group.foreach_all_gather
+param_group.foreach_all_gather = lambda *args, **kwargs: calls.append(1) or gather(*args, **kwargs)
+x = torch.randint(0, 256, (2, 16))
+loss = model(x, x)[1]
+forward = len(calls)
+loss.backward()
+print(f"all-gathers: forward {forward}, backward {len(calls) - forward}")
+"""
+
+
+def test_a_training_step_gathers_each_unit_once_a_pass(tmp_path):
+    # Three units (two blocks and the root): the forward gathers each; the backward gathers the blocks again (the
+    # root keeps its weights after the forward). Calling the root's registered forward methods from within its
+    # forward would gather the root twice more in the backward.
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_ALL_GATHERS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), ROOT], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("all-gathers: forward 3, backward 2") == 2, result.stdout
