@@ -7,12 +7,9 @@ Train GPT-2 from scratch, or from OpenAI's weights, on uint16 token shards.
     python train_gpt2.py --init_from=resume --out_dir=log/shakespeare   # go on where a run stopped
     python train_gpt2.py --help                       # every setting, its default and what it does
 
-The constants below are the settings. A config file (plain `name = value` lines, as config/shakespeare.py)
-and then --name=value flags override them, and a run prints every setting that differs from this file and
-where its value came from. The file reads top to bottom: settings, model, data, schedule and optimizers,
-training, evaluation, checkpoints, main. What every script shares is in common.py; what serves one mode or
-backend has a file of its own: fsdp.py (--fsdp), huggingface.py (OpenAI's weights, --export_hf) and
-bench/speed.py (--benchmark, --profile, --batch_size=auto).
+The file reads top to bottom: settings, model, data, schedule and optimizers, training, evaluation, checkpoints,
+main. What every script shares is in common.py; what serves one mode or backend has a file of its own: fsdp.py,
+huggingface.py (OpenAI's weights, --export_hf), bench/speed.py (--benchmark, --batch_size=auto).
 """
 
 import json
@@ -34,13 +31,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bench.speed as bench_speed
-from bench.speed import device_peak_flops, speed
 from common import (StopSignals, Stopped, UserError, atomic_write, check_ranges, check_room, check_token_ids,
                     check_writable_dir, checkpoint_paths, claim_out_dir, device_type_of, download, duration, every_rank,
                     first_on_each_node, get_tokenizer, judge_pending, list_shards, load_torch_file, next_commands,
-                    on_rank_zero, open_shard, resume_advice,
-                    parse_command_line, pick_device, pick_dtype, release_out_dir, rng_state, rotate_checkpoints,
-                    run_main, set_rng_state, settings_for_run, settings_of, split_text_tokens)
+                    on_rank_zero, open_shard, parse_command_line, pick_device, pick_dtype, release_out_dir,
+                    resume_advice, rng_state, rotate_checkpoints, run_main, set_rng_state, settings_for_run,
+                    settings_of, split_text_tokens)
 from fsdp import all_finite, full_state_dicts, load_optimizer_state, memory_per_process, shard_model, whole
 from hellaswag import evaluate as hellaswag_evaluate, load_for_training as load_hellaswag_examples
 from plot import RunLog, WandbRun
@@ -108,13 +104,6 @@ benchmark = False                # time training steps on random tokens and prin
 profile = ""                     # with benchmark: write a torch.profiler trace of 3 steps into this directory
 export_hf = ""                   # write the model as a Hugging Face directory here and exit
 SETTINGS = settings_of(globals())
-# What a run is, as opposed to what this invocation does: a resumed run takes these from its checkpoint.
-MODES = ("init_from", "eval_only", "benchmark", "profile", "export_hf")
-SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
-
-# Where tiny Shakespeare comes from when input.txt is missing, and what it must hash to.
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 # -----------------------------------------------------------------------------
 # Model: GPT-2 as OpenAI built it. Module names match Hugging Face's GPT2LMHeadModel.
@@ -149,8 +138,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_index, self.block_size = layer_index, config.block_size
 
     def forward(self, x, cache=None):
-        """x (B, T, C); cache, in generation, a KVCache (sample.py) holding the keys and values of the positions
-        before these T."""
+        """x (B, T, C); in generation, cache is a KVCache (sample.py) of the positions before these T."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -269,13 +257,16 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face hub, or a directory that
-        transformers' save_pretrained wrote; huggingface.py converts the layout."""
+        """GPT-2 (gpt2[-medium|-large|-xl]) from the Hugging Face hub, or a directory save_pretrained wrote."""
         from huggingface import load_gpt2
         return load_gpt2(cls, GPTConfig, name_or_dir, dropout)
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards, memory-mapped, or a .txt file tokenized in memory
+
+# Where tiny Shakespeare comes from when input.txt is missing, and what it must hash to.
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def find_data(data_dir, vocab_size, partial_data=False):
@@ -546,7 +537,7 @@ def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_step
             run.wandb_id = wandb_run.id
     log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
     stops = StopSignals(system)
-    flops, peak = model.flops_per_token(), device_peak_flops(system.device, cfg.peak_flops)
+    flops, peak = model.flops_per_token(), bench_speed.device_peak_flops(system.device, cfg.peak_flops)
     say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
         f"{cfg.batch_size} x {cfg.block_size} tokens = {cfg.total_batch_size:,} tokens per step | {system.device}, "
         f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
@@ -586,7 +577,8 @@ def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_step
                 clock = (time.time(), run.step + 1)
             done_since = run.step + 1 - clock[1]
             left = (time.time() - clock[0]) / done_since * (cfg.max_steps - run.step - 1) if done_since else None
-            tokens_per_second, per_process, mfu = speed(cfg.total_batch_size, dt, system.world_size, flops, peak)
+            tokens_per_second, per_process, mfu = bench_speed.speed(cfg.total_batch_size, dt, system.world_size,
+                                                                    flops, peak)
             log.record(run.step, "train", loss, [
                 f"step {run.step + 1} of {cfg.max_steps}", f"lr {lr:.4e}",
                 *([f"muon lr {lr * cfg.muon_lr / cfg.max_lr:.4e}"] if cfg.optimizer == "muon" else []),
@@ -810,6 +802,10 @@ def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
 
 # -----------------------------------------------------------------------------
 # Main: settings, model, then the mode asked for
+
+# What a run is, as opposed to what this invocation does: a resumed run takes these from its checkpoint.
+MODES = ("init_from", "eval_only", "benchmark", "profile", "export_hf")
+SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
 
 
 def parse_settings(argv):
