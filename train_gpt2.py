@@ -899,9 +899,19 @@ def random_token_steps(model, step_model, ddp_model, cfg, system, batch_size, gr
 
 
 def start(argv):
-    """Read the settings, make or load the model, and run the mode asked for."""
+    """The script: run_mode, with SIGTERM handled until the training loop takes the stop signals over."""
     # Until the loop takes the stop signals over, SIGTERM ends the run as Ctrl-C does: cleaning up what it made.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        run_mode(argv)
+    finally:  # called from Python (a notebook, a test), start leaves the process's signal handlers as it found them
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def run_mode(argv):
+    """Read the settings, make or load the model, and run the mode asked for."""
     settings, given = parse_settings(argv)
     checkpoint = checkpoint_of(settings["init_from"], settings["out_dir"])
     resuming = resumes(settings["init_from"], settings["out_dir"], checkpoint)

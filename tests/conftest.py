@@ -114,6 +114,17 @@ def read_log(path):
     return rows
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """Scripts run in the test process install their SIGTERM/SIGINT handlers: put pytest's back afterwards, so that
+    no later test (nor a process it forks) inherits them."""
+    import signal
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's in-process models on one thread: tiny matmuls gain little from a second one, and

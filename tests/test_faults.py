@@ -20,15 +20,6 @@ import train_gpt2
 from train_gpt2 import DataLoader, parse_settings
 
 
-@pytest.fixture(autouse=True)
-def signal_handlers():
-    """Runs in this process install the trainer's SIGTERM/SIGINT handlers: put pytest's back afterwards."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 def train(capsys, *args):
     """train_gpt2.py with TINY and args, in this process: (exit status, stdout, stderr)."""
     try:
