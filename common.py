@@ -167,8 +167,8 @@ def check_type(name, value, default, where, auto=()):
     if isinstance(default, bool) or default is None:
         ok = isinstance(value, bool) or (default is None and value is None)
     elif isinstance(default, float):
-        ok, value = isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if \
-            isinstance(value, (int, float)) else value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
     else:
         ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
     if not ok:
@@ -235,8 +235,7 @@ def parse_value(name, text, default):
                 return int(number)
         return type(default)(text)
     except ValueError:
-        kind = {int: "a whole number", float: "a number"}.get(type(default), type(default).__name__)
-        raise UserError(f"--{name} takes {kind}, not '{text}'") from None
+        raise UserError(f"--{name} takes {type_name(default)}, not '{text}'") from None
 
 
 def help_text(defaults, doc, source):
@@ -373,6 +372,7 @@ def lock_dir(directory, what):
         f.write(str(os.getpid()))
         f.flush()
     except OSError as e:
+        os.remove(path)  # still locked by us: no other process uses this file, and none of ours is left behind
         f.close()
         raise UserError(f"cannot write {path} ({e.strerror}); free some space on its disk, or write somewhere "
                         f"else") from None
@@ -452,8 +452,8 @@ def release_out_dir(out_dir, lock, made, succeeded):
     if lock is not None:
         lock.close()
     if made and not succeeded and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {".lock"}:
-        if os.path.exists(os.path.join(out_dir, ".lock")):
-            os.remove(os.path.join(out_dir, ".lock"))
+        if lock is not None:
+            os.remove(lock.name)
         os.rmdir(out_dir)
 
 

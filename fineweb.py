@@ -526,25 +526,16 @@ def claim_out_dir(out_dir):
         path = os.path.dirname(path)
     check_writable_dir(out_dir, "out_dir")
     try:
-        held_lock = lock_dir(out_dir, "another fineweb.py run")
-    except UserError:  # a full disk, say: the directories made for this run go, with the lock file in them
-        for directory in made:
-            for name in os.listdir(directory):
-                if name == ".lock":
-                    os.remove(os.path.join(directory, name))
-            if os.listdir(directory):
-                break
-            os.rmdir(directory)
-        raise
-    try:
+        held_lock = lock_dir(out_dir, "another fineweb.py run")  # a full disk: one line, and no lock file left
         removed = sweep_temporary_files(out_dir)
         if removed:
             print(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} that killed runs left "
                   f"in {out_dir}")
         yield
     finally:
-        unlock_dir(held_lock)
-        held_lock = None
+        if held_lock is not None:
+            unlock_dir(held_lock)
+            held_lock = None
         for directory in made:
             if os.listdir(directory):
                 break

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from common import UserError, rng_state, set_rng_state
 
 
 # Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
@@ -150,7 +150,7 @@ def search_batch_size(steps_at, cfg, system, default):
         say(f"auto batch_size: {batch} (the default {default} or the largest below it that keeps total_batch_size: "
             f"the search runs on CUDA only)")
         return batch
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+    rng = rng_state("cuda")
 
     def fits(batch):
         step = steps_at(batch)
@@ -158,8 +158,7 @@ def search_batch_size(steps_at, cfg, system, default):
         torch.cuda.synchronize()
         return True
     batch = find_batch_size(fits, candidates, system.device, say)
-    torch.set_rng_state(rng[0])
-    torch.cuda.set_rng_state(rng[1])
+    set_rng_state(rng)
     return batch
 
 
