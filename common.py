@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 from contextlib import contextmanager
 
@@ -32,10 +33,15 @@ class UserError(Exception):
     status 2, no traceback. Every script raises this one class."""
 
 
-def run_main(function, *args, interrupted=""):
+def run_main(function, *args, interrupted="", sigterm_exits=False):
     """Run a script's work. Bad input ends it with one 'error:' line and exit status 2; Ctrl-C with status 130
     (and the hint `interrupted`, if any); a closed pipe (`| head`) quietly; the process group, if any, is torn
-    down either way."""
+    down either way. With sigterm_exits, SIGTERM ends the work as Ctrl-C does, cleaning up what it made, until
+    the work installs handlers of its own; called from Python (a notebook, a test), the process's handlers are
+    left as they were found."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    if sigterm_exits:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         function(*args)
         sys.stdout.flush()  # a reader that went away shows here, inside the handler below, not at exit
@@ -58,6 +64,8 @@ def run_main(function, *args, interrupted=""):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     finally:
+        for signum, handler in handlers.items() if sigterm_exits else ():
+            signal.signal(signum, handler)
         if "torch.distributed" in sys.modules:  # only a script that uses torch can have a process group
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized():
@@ -195,20 +203,23 @@ def settings_for_run(settings, given, saved, defaults, script, modes=(), shape=(
     if "optimizer" in given and settings["optimizer"] != saved.get("optimizer", "adamw"):
         raise UserError(f"the run used --optimizer={saved.get('optimizer', 'adamw')} (given {settings['optimizer']}); "
                         f"its checkpoint holds that optimizer's state: leave out --optimizer to resume")
+    if "recipe" in given and settings["recipe"] != saved.get("recipe", "gpt2"):
+        raise UserError(f"the run used --recipe={saved.get('recipe', 'gpt2')} (given {settings['recipe']}); a "
+                        f"resumed run goes on with its own recipe: leave out --recipe, or start a new --out_dir")
     changes = [f"changed: --{name} {saved[name]} -> {settings[name]}" for name in sorted(given)
                if name in saved and saved[name] != settings[name] and name not in shape]
     return {**settings, **saved, **{name: settings[name] for name in given}}, changes
 
 
 RANGE_WORDS = {">= 1": "1 or more", ">= 0": "0 or more", "> 0": "a number above 0",
-               "[0, 1)": "a number at least 0 and below 1"}
+               "[0, 1)": "a number at least 0 and below 1", "(0, 1]": "a number above 0 and at most 1"}
 RANGE_TESTS = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
-               "[0, 1)": lambda v: 0 <= v < 1}
+               "[0, 1)": lambda v: 0 <= v < 1, "(0, 1]": lambda v: 0 < v <= 1}
 
 
 def check_ranges(settings, ranges):
-    """Refuse a setting outside its range ({name: '>= 1', '>= 0', '> 0' or '[0, 1)'}) with one line that says
-    the range; a number must be finite. The word auto passes: the script resolves it."""
+    """Refuse a setting outside its range ({name: '>= 1', '>= 0', '> 0', '[0, 1)' or '(0, 1]'}) with one line
+    that says the range; a number must be finite. The word auto passes: the script resolves it."""
     for name, kind in ranges.items():
         value = settings[name]
         if value == "auto":

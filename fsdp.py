@@ -5,7 +5,8 @@ into the one checkpoint format that every run loads (one process, DDP or FSDP, o
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --fsdp
 
 Each process keeps 1/processes of the weights, gradients and optimizer state; each block's weights are
-gathered just before its forward and backward pass and freed after. Only train_gpt2.py imports this file.
+gathered just before its forward and backward pass and freed after. Muon (--optimizer=muon, --recipe=fast)
+steps the shards with ShardedMuon. Only train_gpt2.py imports this file.
 """
 
 import warnings
@@ -15,7 +16,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 
 def local(tensor):
@@ -58,6 +60,35 @@ def shard_model(model, compile_blocks, dtype):
     for method in ("hidden_states", "logits"):  # generation and HellaSwag call these, not forward
         register_fsdp_forward_method(model, method)
     return model
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon for FSDP2's shards, step for step the same arithmetic. The momentum is elementwise, so each
+    process keeps that of its own rows; the orthogonalization is not, so each matrix's update is gathered whole,
+    orthogonalized as one process would, and each process keeps its own rows of the result."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "ShardedMuon takes no closure"
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = _zeropower_via_newtonschulz(update.full_tensor(), group["ns_coefficients"],
+                                                     group["ns_steps"], group["eps"])
+                # Every process holds the whole result: each takes its own rows, with no communication.
+                update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+
+
+def muon(params, **options):
+    """torch.optim.Muon, or ShardedMuon for the parameters of a model that FSDP has sharded."""
+    return (ShardedMuon if any(isinstance(p, DTensor) for p in params) else torch.optim.Muon)(params, **options)
 
 
 def memory_per_process(model, optimizers, device, sharded):

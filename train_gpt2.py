@@ -17,7 +17,6 @@ import math
 import os
 import secrets
 import shlex
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from common import (StopSignals, Stopped, UserError, atomic_write, check_ranges,
                     on_rank_zero, open_shard, parse_command_line, pick_device, pick_dtype, release_out_dir,
                     resume_advice, rng_state, rotate_checkpoints, run_main, set_rng_state, settings_for_run,
                     settings_of, split_text_tokens)
-from fsdp import all_finite, full_state_dicts, load_optimizer_state, memory_per_process, shard_model, whole
+from fsdp import all_finite, full_state_dicts, load_optimizer_state, memory_per_process, muon, shard_model, whole
 from hellaswag import evaluate as hellaswag_evaluate, load_for_training as load_hellaswag_examples
 from plot import RunLog, WandbRun
 from sample import generate
@@ -60,15 +59,21 @@ n_embd = 768                     # width of the residual stream
 block_size = 1024                # context length in tokens
 vocab_size = 50257               # GPT-2's vocabulary; the embedding is padded to a multiple of 64 for speed
 dropout = 0.0                    # dropout probability (0 for pretraining, ~0.1 for fine-tuning)
+tie_head = True                  # the output head is the token embedding, as in GPT-2; False: a head of its own
+zero_init = False                # the blocks' output projections start at zero: each block starts as the identity
 activation_checkpointing = False # recompute activations in the backward pass: less memory, ~30% more compute
 # batch
 batch_size = 64                  # sequences per micro-batch and process; auto: the largest that fits (on CUDA)
 total_batch_size = 524288        # tokens per optimizer step, across all processes (2**19)
 # optimizer and schedule
+recipe = "gpt2"                  # gpt2: the settings as written here; fast: FAST below in place of those it names
 max_steps = 19073                # optimizer steps: 10B tokens / 2**19 tokens per step
 warmup_steps = 715               # linear warmup from 0 to max_lr
+schedule = "cosine"              # cosine: warmup, then a cosine to min_lr; wsd: warmup, max_lr, then linear to min_lr
+warmdown = 0.5                   # with schedule=wsd: the last fraction of max_steps, spent decaying to min_lr
 max_lr = 6e-4                    # peak learning rate
-min_lr = 6e-5                    # learning rate at the end of the cosine decay
+min_lr = 6e-5                    # learning rate at the end of the decay
+embedding_lr = 0.0               # AdamW's peak rate for an untied model's embeddings; 0 (and a tied one): max_lr
 weight_decay = 0.1               # AdamW decay on matrices and embeddings only
 beta1 = 0.9                      # AdamW first-moment decay
 beta2 = 0.95                     # AdamW second-moment decay
@@ -78,6 +83,7 @@ optimizer = "adamw"              # adamw, or muon: Muon on the blocks' weight ma
 muon_lr = 4e-3                   # Muon's peak learning rate, in AdamW's units (updates of an AdamW-sized RMS)
 muon_momentum = 0.95             # Muon's Nesterov momentum
 muon_weight_decay = 0.1          # Muon's decoupled weight decay
+muon_momentum_warmup = 0         # steps over which Muon's momentum rises from 0.85 to muon_momentum
 # evaluation and logging
 eval_interval = 250              # evaluate every this many steps, and at the last step
 eval_iters = 20                  # validation micro-batches in all, split across processes; the same ones every time
@@ -104,6 +110,11 @@ benchmark = False                # time training steps on random tokens and prin
 profile = ""                     # with benchmark: write a torch.profiler trace of 3 steps into this directory
 export_hf = ""                   # write the model as a Hugging Face directory here and exit
 SETTINGS = settings_of(globals())
+
+# --recipe=fast: these values in place of the constants above; a flag or a config file still wins. Each choice and
+# the measurement behind it: docs/optimizers.md.
+FAST = dict(optimizer="muon", max_lr=2e-3, min_lr=2e-4, embedding_lr=5e-2, tie_head=False, zero_init=True,
+            muon_momentum_warmup=300)
 
 # -----------------------------------------------------------------------------
 # Model: GPT-2 as OpenAI built it. Module names match Hugging Face's GPT2LMHeadModel.
@@ -251,9 +262,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6N for the matmuls with the weights, 12 L H Q T for attention."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+        """Training FLOPs per token: 6N for the matmuls with the weights (an untied token embedding is a lookup,
+        no matmul), 12 L H Q T for attention."""
+        c, untied = self.config, 0 if self.config.tie_head else self.transformer.wte.weight.numel()
+        return 6 * (self.num_params() - untied) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
@@ -367,33 +379,43 @@ class DataLoader:
 # Schedule and optimizers
 
 
-def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
-    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps."""
+def get_lr(step, warmup_steps, max_steps, max_lr, min_lr, warmdown=None):
+    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps; or, given warmdown, max_lr until the
+    last warmdown fraction of max_steps, and a straight line down to min_lr over it (warmup-stable-decay)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
+    if warmdown is not None:
+        left = (max_steps - step) / max(1, round(warmdown * max_steps))
+        return min_lr + min(1.0, left) * (max_lr - min_lr)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
 def configure_optimizers(model, cfg, device_type):
     """The optimizers of a run, stepped together: [AdamW], or with --optimizer=muon [Muon, AdamW], Muon taking
-    the weight matrices inside the blocks and AdamW the embeddings (and the tied head), biases and LayerNorm
-    gains. AdamW decays its matrices and embeddings; biases and gains stay free. Each group keeps its peak
-    rate as peak_lr: the schedule scales them all alike. On CUDA the fused AdamW updates every parameter in
-    one launch."""
+    the weight matrices inside the blocks and AdamW the embeddings, the head, biases and LayerNorm gains.
+    AdamW decays its matrices and embeddings; biases and gains stay free. Each group keeps its peak rate as
+    peak_lr: the schedule scales them all alike. On CUDA the fused AdamW updates every parameter in one launch."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = []
     if cfg.optimizer == "muon":
         matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
         # match_rms_adamw scales each matrix's orthogonalized update to the RMS of an AdamW update, so that
         # Muon's learning rate and weight decay read like AdamW's.
-        optimizers.append(torch.optim.Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                           weight_decay=cfg.muon_weight_decay, adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                               weight_decay=cfg.muon_weight_decay, adjust_lr_fn="match_rms_adamw"))
         params = [p for p in params if not any(p is m for m in matrices)]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    # An untied model's embeddings have a group of their own only at a rate of their own: a checkpoint written
+    # without one holds the groups below. A tied embedding is the head, and trains at the head's rate, max_lr.
+    untied = cfg.embedding_lr and not model.config.tie_head
+    embeddings = [model.transformer.wte.weight, model.transformer.wpe.weight] if untied else []
+    params = [p for p in params if not any(p is q for q in embeddings)]
+    groups = [{"params": embeddings, "weight_decay": cfg.weight_decay, "lr": cfg.embedding_lr or cfg.max_lr},
+              {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [group for group in groups if group["params"]]
     optimizers.append(torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                         fused=device_type == "cuda"))
     for group in (group for optimizer in optimizers for group in optimizer.param_groups):
@@ -468,9 +490,13 @@ def train_step(step, model, ddp_model, optimizers, scaler, loader, cfg, system, 
     Returns (loss, gradient norm, learning rate, whether a stop signal came, whether the weights were updated),
     or None when a signal comes between two micro-steps: that unfinished step is dropped, its gradients
     discarded."""
-    lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
+    lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr,
+                cfg.warmdown if cfg.schedule == "wsd" else None)
+    rise = min(1.0, (step + 1) / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
     for group in (group for optimizer in optimizers for group in optimizer.param_groups):
         group["lr"] = lr * group["peak_lr"] / cfg.max_lr  # one schedule, each group at its own peak
+        if "nesterov" in group:  # Muon's
+            group["momentum"] = 0.85 + rise * (cfg.muon_momentum - 0.85)
     loss_sum, t0 = torch.zeros((), device=system.device), time.time()
     for micro_step in range(grad_accum_steps):
         if stops is not None and stops.poll(micro_step):
@@ -805,20 +831,23 @@ def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
 
 # What a run is, as opposed to what this invocation does: a resumed run takes these from its checkpoint.
 MODES = ("init_from", "eval_only", "benchmark", "profile", "export_hf")
-SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "tie_head")
 
 
 def parse_settings(argv):
     """train_gpt2.py's settings from its command line and config files: (settings, {name: where it came from})."""
-    return parse_command_line(argv, SETTINGS, __doc__, __file__, auto=("batch_size",), config_files=True)
+    fast = f"--recipe=fast sets {', '.join(f'{k}={v}' for k, v in FAST.items())}: docs/optimizers.md says why"
+    return parse_command_line(argv, SETTINGS, f"{__doc__.strip()}\n\n{fast}", __file__, auto=("batch_size",),
+                              config_files=True)
 
 
 # The settings that take a number within a range (common.check_ranges says the words): the interface's limits.
 RANGES = {**dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
                            "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints"), ">= 1"),
           **dict.fromkeys(("max_steps", "warmup_steps", "num_samples", "sample_length", "min_lr", "weight_decay",
-                           "grad_clip", "muon_weight_decay", "peak_flops"), ">= 0"),
-          **dict.fromkeys(("max_lr", "muon_lr", "adam_eps"), "> 0"),
+                           "grad_clip", "muon_weight_decay", "peak_flops", "embedding_lr",
+                           "muon_momentum_warmup"), ">= 0"),
+          **dict.fromkeys(("max_lr", "muon_lr", "adam_eps"), "> 0"), "warmdown": "(0, 1]",
           **dict.fromkeys(("dropout", "beta1", "beta2", "muon_momentum"), "[0, 1)")}
 
 
@@ -829,11 +858,10 @@ def check_settings(cfg):
         nearest = min((h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0), key=lambda h: abs(h - cfg.n_head))
         raise UserError(f"--n_head={cfg.n_head} does not divide --n_embd={cfg.n_embd}: each head takes "
                         f"n_embd / n_head channels; try --n_head={nearest}")
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise UserError(f"--optimizer takes adamw or muon, not '{cfg.optimizer}'")
-    if cfg.fsdp and cfg.optimizer == "muon":
-        raise UserError("--fsdp does not run --optimizer=muon: Muon orthogonalizes whole matrices, and FSDP leaves "
-                        "each process a shard of each; use --optimizer=adamw with --fsdp, or Muon without --fsdp")
+    allowed = {"recipe": ("gpt2", "fast"), "optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd")}
+    for name, choices in allowed.items():
+        if getattr(cfg, name) not in choices:
+            raise UserError(f"--{name} takes {' or '.join(choices)}, not '{getattr(cfg, name)}'")
     if cfg.fsdp and cfg.batch_size == "auto":
         raise UserError("--batch_size=auto does not search under --fsdp (it tries the whole model on one GPU); "
                         "give --batch_size=N")
@@ -849,8 +877,12 @@ def make_model(cfg, given, checkpoint):
     """The model the settings ask for: new, or loaded from init_from. A loaded model's shape is its own: the
     shape settings take its values, and one given on the command line that differs is refused."""
     if cfg.init_from == "scratch":
-        return GPT(GPTConfig(**{name: getattr(cfg, name) for name in SHAPE}, dropout=cfg.dropout,
-                             activation_checkpointing=cfg.activation_checkpointing))
+        model = GPT(GPTConfig(**{name: getattr(cfg, name) for name in SHAPE}, dropout=cfg.dropout,
+                              activation_checkpointing=cfg.activation_checkpointing))
+        for module in model.modules() if cfg.zero_init else []:
+            if getattr(module, "RESIDUAL_SCALE", False):
+                nn.init.zeros_(module.weight)
+        return model
     model, _ = load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout, checkpoint=checkpoint)
     for name in SHAPE:
         own, value = getattr(model.config, name), getattr(cfg, name)
@@ -898,23 +930,16 @@ def random_token_steps(model, step_model, ddp_model, cfg, system, batch_size, gr
                               grad_accum_steps, None)[0]
 
 
-def start(argv):
-    """The script: run_mode, with SIGTERM handled until the training loop takes the stop signals over."""
-    # Until the loop takes the stop signals over, SIGTERM ends the run as Ctrl-C does: cleaning up what it made.
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        run_mode(argv)
-    finally:  # called from Python (a notebook, a test), start leaves the process's signal handlers as it found them
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
 def run_mode(argv):
     """Read the settings, make or load the model, and run the mode asked for."""
     settings, given = parse_settings(argv)
     checkpoint = checkpoint_of(settings["init_from"], settings["out_dir"])
     resuming = resumes(settings["init_from"], settings["out_dir"], checkpoint)
+    if settings["recipe"] == "fast" and not resuming:  # a resumed run goes on with the settings it was saved with
+        # A loaded model keeps its shape (an untied head or not); a given setting wins.
+        recipe = {name: value for name, value in FAST.items()
+                  if name not in given and (name not in SHAPE or settings["init_from"] == "scratch")}
+        settings, given = {**settings, **recipe}, {**given, **dict.fromkeys(recipe, "--recipe=fast")}
     settings, changes = settings_for_run(settings, given, checkpoint["settings"] if resuming else None,
                                          SETTINGS, os.path.basename(__file__), MODES, SHAPE)
     cfg = SimpleNamespace(**settings)
@@ -964,7 +989,8 @@ def run_mode(argv):
 
 
 def main(argv=None):
-    run_main(start, sys.argv[1:] if argv is None else argv)
+    # Until the training loop takes the stop signals over, SIGTERM ends the run as Ctrl-C does.
+    run_main(run_mode, sys.argv[1:] if argv is None else argv, sigterm_exits=True)
 
 
 if __name__ == "__main__":

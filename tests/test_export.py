@@ -19,10 +19,11 @@ from train_gpt2 import GPT, GPTConfig, UserError, generate, get_tokenizer  # noq
 TEXTS = ["Hello, I'm a language model,", " naïve café 東京 🤗\n\n  tabs\tand  spaces", "x<|endoftext|>y", "'s 're 123456"]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def model(request):
+    """GPT-2's tied head, and the head of its own that --recipe=fast trains (--tie_head=False)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, tie_head=request.param)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # every weight, biases and LayerNorms included, away from its init
@@ -41,9 +42,12 @@ def test_the_directory_holds_config_weights_and_tokenizer(model, exported):
     config = json.load(open(os.path.join(exported, "config.json")))
     assert config["architectures"] == ["GPT2LMHeadModel"]
     assert (config["vocab_size"], config["n_positions"], config["n_layer"], config["n_embd"]) == (50257, 64, 2, 64)
-    assert config["tie_word_embeddings"] is True
+    assert config["tie_word_embeddings"] is model.config.tie_head
     weights = load_file(os.path.join(exported, "model.safetensors"))
-    assert "lm_head.weight" not in weights  # tied: transformers takes it from wte
+    if model.config.tie_head:
+        assert "lm_head.weight" not in weights  # tied: transformers takes it from wte
+    else:  # its own, at the real vocabulary's rows
+        assert torch.equal(weights["lm_head.weight"], model.lm_head.weight[:50257])
     assert weights["transformer.wte.weight"].shape == (50257, 64)  # padded to 50,304 in our model
     ours = model.state_dict()
     assert torch.equal(weights["transformer.h.0.attn.c_attn.weight"], ours["transformer.h.0.attn.c_attn.weight"].t())
@@ -73,7 +77,7 @@ def test_round_trip_gives_identical_weights(model, exported):
 def test_transformers_loads_the_model_with_our_logits(model, exported):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
-    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    assert (hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()) is model.config.tie_head
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(idx).logits

@@ -54,9 +54,11 @@ def test_muon_trains_and_the_loss_falls(pattern_dir, tmp_path, dtype):
     assert val[0] == pytest.approx(np.log(256), abs=0.05) and val[20] < 2.5  # from chance to well below it
 
 
-def test_muon_resume_is_bit_for_bit_and_needs_muon(shard_dir, tmp_path):
-    args = TINY + MUON + [f"--data_dir={shard_dir}", "--max_steps=20", "--eval_interval=5", "--checkpoint_interval=10",
-                          "--dropout=0.1", "--keep_checkpoints=10"]
+def test_fast_recipe_resumes_bit_for_bit_and_needs_muon(shard_dir, tmp_path):
+    """--recipe=fast: Muon with its momentum warm-up, the embeddings at their own rate, an untied head; the run
+    stopped at step 10 goes on exactly as the whole one did."""
+    args = TINY + ["--recipe=fast", f"--data_dir={shard_dir}", "--max_steps=20", "--eval_interval=5",
+                   "--checkpoint_interval=10", "--dropout=0.1", "--keep_checkpoints=10", "--muon_momentum_warmup=15"]
     whole = run_script("train_gpt2.py", *args, f"--out_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr
     # A run stopped at step 10: its checkpoint alone, resumed in a new directory.
@@ -76,8 +78,14 @@ def test_muon_resume_is_bit_for_bit_and_needs_muon(shard_dir, tmp_path):
         for key, per_param in state_a["state"].items():
             assert all(torch.equal(v, state_b["state"][key][name]) for name, v in per_param.items())
     assert list(muon_a["state"][0]) == ["momentum_buffer"]
-    # One schedule at two peaks: Muon's learning rate is AdamW's times muon_lr / max_lr.
-    assert muon_a["param_groups"][0]["lr"] == pytest.approx(adamw_a["param_groups"][0]["lr"] * 2)
+    # One schedule, each group at its own peak: here the rates of the last step, 19; the momentum warmed up by 15.
+    fast = {**train_gpt2.SETTINGS, **train_gpt2.FAST}
+    scale = train_gpt2.get_lr(19, 2, 20, 1.0, fast["min_lr"] / fast["max_lr"])
+    assert [group["lr"] for group in adamw_a["param_groups"]] == pytest.approx(
+        [scale * peak for peak in (fast["embedding_lr"], fast["max_lr"], fast["max_lr"])])
+    assert muon_a["param_groups"][0]["lr"] == pytest.approx(scale * fast["muon_lr"])
+    assert muon_a["param_groups"][0]["momentum"] == fast["muon_momentum"]
+    assert "lm_head.weight" in a["model"] and a["config"]["tie_head"] is False
     whole_log = {(step, kind): value for step, kind, value in read_log(tmp_path / "whole" / "log.txt")}
     resumed_log = read_log(tmp_path / "resumed" / "log.txt")
     assert len(resumed_log) == 10 + 2  # steps 10..19 and the evaluations after 15 and 20 steps
@@ -88,6 +96,11 @@ def test_muon_resume_is_bit_for_bit_and_needs_muon(shard_dir, tmp_path):
     assert refused.returncode == 2
     assert refused.stderr == ("error: the run used --optimizer=muon (given adamw); its checkpoint holds that "
                               "optimizer's state: leave out --optimizer to resume\n")
+    refused = run_script("train_gpt2.py", *args, "--recipe=gpt2", f"--out_dir={tmp_path / 'whole'}",
+                         "--init_from=resume")
+    assert (refused.returncode, refused.stderr) == (2, "error: the run used --recipe=fast (given gpt2); a resumed "
+                                                       "run goes on with its own recipe: leave out --recipe, or start "
+                                                       "a new --out_dir\n")
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -113,9 +126,16 @@ def test_benchmark_reads_the_step_fraction_off_the_curve():
     assert bench.steps_to_reach(curve, 3.9) is None
 
 
-def test_benchmark_runs_both_optimizers_and_prints_the_fraction(input_txt):
-    result = run_script("bench/optimizers.py", "--sizes", "2x64", "--seeds=1", "--steps", "2", "--eval_interval=1")
+def test_benchmark_compares_the_recipes_on_pythons_documentation(tmp_path):
+    result = run_script("bench/optimizers.py", "--sizes", "2x64", "--seeds=1", "--steps", "2", "--eval_interval=1",
+                        "--lrs=1e-3,2e-3", f"--out_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
-    assert "| step | adamw | muon |" in result.stdout and "| 2x64 | 1 |" in result.stdout
-    bad = run_script("bench/optimizers.py", "--optimizers", "sgd")
-    assert (bad.returncode, bad.stderr) == (2, "error: --optimizers takes adamw and/or muon, not sgd\n")
+    assert "documentation" in result.stdout and os.path.getsize(tmp_path / "pydocs.txt") > 1_000_000
+    assert "| step | gpt2 0.001 | gpt2 0.002 | fast |" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 2x64 | 1 |"))
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[2] in ("0.001", "0.002") and cells[-1].isdigit() and cells[-2].isdigit()  # the rate, ms per step
+    runs = sorted(os.listdir(tmp_path))
+    assert runs == ["2x64_seed1_fast", "2x64_seed1_gpt2_lr0.001", "2x64_seed1_gpt2_lr0.002", "pydocs.txt"]
+    bad = run_script("bench/optimizers.py", "--lrs", "fast")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --sizes takes layers x width")
