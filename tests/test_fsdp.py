@@ -99,13 +99,22 @@ def test_fsdp_checkpoint_is_the_format_of_one_process(runs):
     one = torch.load(os.path.join(runs["ddp"][0], "ckpt_0000020.pt"), weights_only=True)
     sharded = torch.load(os.path.join(runs["fsdp"][0], "ckpt_0000020.pt"), weights_only=True)
     assert list(sharded["model"]) == list(one["model"])
-    # The two reduce the gradients in different orders, and the last bits differ. The fast recipe's rates (the
-    # embedding's 5e-2) and Muon's bfloat16 Newton-Schulz make more of them: its weights agree to 5e-3, its losses
-    # to 1e-5 (the test above); given equal gradients, ShardedMuon is exact (test_sharded_muon_steps_exactly_as_muon).
+    # The two reduce the gradients in different orders, and the last bits differ. With the gpt2 recipe every weight
+    # agrees to 1e-5. The fast recipe's losses agree to 1e-5 (the test above), and given equal gradients ShardedMuon
+    # is exact (test_sharded_muon_steps_exactly_as_muon), but its weights carry the different last bits further:
+    # Muon's Newton-Schulz runs in bfloat16, and AdamW, which divides by the gradient's size, turns rounding into
+    # steps of the full rate (4e-3) wherever the true gradient is about 0 (the biases behind the zero-initialized
+    # projections, the keys' biases). So for it: the whole model to 2e-3 of its norm (measured: 5e-4), and each
+    # tensor to a tenth of its own, which a shard put in the wrong place would not be.
     fast = one["settings"]["recipe"] == "fast"
     for key, tensor in one["model"].items():
         assert sharded["model"][key].shape == tensor.shape and sharded["model"][key].dtype == tensor.dtype
-        assert torch.allclose(sharded["model"][key], tensor, rtol=1e-4, atol=5e-3 if fast else 1e-5), key
+        if fast:
+            assert (sharded["model"][key] - tensor).norm() <= 0.1 * tensor.norm(), key
+        else:
+            assert torch.allclose(sharded["model"][key], tensor, rtol=1e-4, atol=1e-5), key
+    differences = sum((sharded["model"][key] - tensor).square().sum() for key, tensor in one["model"].items())
+    assert differences.sqrt() <= (2e-3 if fast else 1e-5) * sum(t.square().sum() for t in one["model"].values()).sqrt()
     # A tied head is the embedding, one tensor in the file, as in a checkpoint of one process.
     tied = sharded["model"]["lm_head.weight"].data_ptr() == sharded["model"]["transformer.wte.weight"].data_ptr()
     assert tied is sharded["config"]["tie_head"] is one["config"]["tie_head"]

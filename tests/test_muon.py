@@ -127,15 +127,20 @@ def test_benchmark_reads_the_step_fraction_off_the_curve():
 
 
 def test_benchmark_compares_the_recipes_on_pythons_documentation(tmp_path):
-    result = run_script("bench/optimizers.py", "--sizes", "2x64", "--seeds=1", "--steps", "2", "--eval_interval=1",
-                        "--lrs=1e-3,2e-3", f"--out_dir={tmp_path}")
+    result = run_script("bench/optimizers.py", "--sizes", "2x64", "--seeds=1", "--steps", "4", "--eval_interval=1",
+                        "--lrs=1e-3,2e-3", "--short=0.5", f"--out_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "documentation" in result.stdout and os.path.getsize(tmp_path / "pydocs.txt") > 1_000_000
     assert "| step | gpt2 0.001 | gpt2 0.002 | fast |" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 2x64 | 1 |"))
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
     assert cells[2] in ("0.001", "0.002") and cells[-1].isdigit() and cells[-2].isdigit()  # the rate, ms per step
+    step, kind, loss = open(tmp_path / "2x64_seed1_fast_2steps" / "log.txt").read().splitlines()[-1].split()
+    assert (step, kind) == ("2", "val") and float(cells[7]) == pytest.approx(float(loss), abs=1e-4)  # a 2-step run
     runs = sorted(os.listdir(tmp_path))
-    assert runs == ["2x64_seed1_fast", "2x64_seed1_gpt2_lr0.001", "2x64_seed1_gpt2_lr0.002", "pydocs.txt"]
+    assert runs == ["2x64_seed1_fast", "2x64_seed1_fast_2steps", "2x64_seed1_gpt2_lr0.001", "2x64_seed1_gpt2_lr0.002",
+                    "pydocs.txt"]
     bad = run_script("bench/optimizers.py", "--lrs", "fast")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --sizes takes layers x width")
+    bad = run_script("bench/optimizers.py", "--steps=200", "--short=1")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --short is a fraction of --steps")
