@@ -113,7 +113,7 @@ SETTINGS = settings_of(globals())
 
 # --recipe=fast: these values in place of the constants above; a flag or a config file still wins. Each choice and
 # the measurement behind it: docs/optimizers.md.
-FAST = dict(optimizer="muon", max_lr=4e-3, min_lr=4e-4, embedding_lr=5e-2, tie_head=False, zero_init=True,
+FAST = dict(optimizer="muon", max_lr=4e-3, min_lr=4e-4, beta1=0.8, embedding_lr=5e-2, tie_head=False, zero_init=True,
             muon_momentum_warmup=300)
 
 # -----------------------------------------------------------------------------
