@@ -190,6 +190,11 @@ def type_name(default):
     return {int: "a whole number", float: "a number", str: "a string", list: "a list"}[type(default)]
 
 
+# The settings that a resumed run cannot change, and why.
+KEPT_ON_RESUME = {"optimizer": "its checkpoint holds that optimizer's state: leave out --optimizer to resume",
+                  "recipe": "a resumed run goes on with its own recipe: leave out --recipe, or start a new --out_dir"}
+
+
 def settings_for_run(settings, given, saved, defaults, script, modes=(), shape=()):
     """(settings, lines to print). A new run (saved None) prints each setting that differs from the script's
     constants (defaults), with where its value came from, so that an edit at the top that a config file or a
@@ -200,12 +205,10 @@ def settings_for_run(settings, given, saved, defaults, script, modes=(), shape=(
                  if name in given and settings[name] != defaults[name]]
         return settings, [f"settings that differ from the top of {script}:", *lines] if lines else []
     saved = {name: value for name, value in saved.items() if name in defaults and name not in modes}
-    if "optimizer" in given and settings["optimizer"] != saved.get("optimizer", "adamw"):
-        raise UserError(f"the run used --optimizer={saved.get('optimizer', 'adamw')} (given {settings['optimizer']}); "
-                        f"its checkpoint holds that optimizer's state: leave out --optimizer to resume")
-    if "recipe" in given and settings["recipe"] != saved.get("recipe", "gpt2"):
-        raise UserError(f"the run used --recipe={saved.get('recipe', 'gpt2')} (given {settings['recipe']}); a "
-                        f"resumed run goes on with its own recipe: leave out --recipe, or start a new --out_dir")
+    for name, why in KEPT_ON_RESUME.items():
+        used = saved.get(name, defaults.get(name))  # a checkpoint older than the setting ran with the default
+        if name in given and settings[name] != used:
+            raise UserError(f"the run used --{name}={used} (given {settings[name]}); {why}")
     changes = [f"changed: --{name} {saved[name]} -> {settings[name]}" for name in sorted(given)
                if name in saved and saved[name] != settings[name] and name not in shape]
     return {**settings, **saved, **{name: settings[name] for name in given}}, changes

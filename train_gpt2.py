@@ -264,7 +264,8 @@ class GPT(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls with the weights (an untied token embedding is a lookup,
         no matmul), 12 L H Q T for attention."""
-        c, untied = self.config, 0 if self.config.tie_head else self.transformer.wte.weight.numel()
+        c = self.config
+        untied = 0 if c.tie_head else self.transformer.wte.weight.numel()
         return 6 * (self.num_params() - untied) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @classmethod
