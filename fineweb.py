@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common import (SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, UserError, atomic_write, check_writable_dir,
-                    get_tokenizer, lock_dir, open_shard, parse_command_line, run_main, settings_of, split_text_tokens,
-                    sweep_temporary_files, unlock_dir)
+                    get_tokenizer, lock_dir, open_shard, run_main, split_text_tokens)
+from configurator import parse_command_line, settings_of
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults make the data of the GPT-2 124M recipe (python fineweb.py --help).
@@ -242,7 +242,7 @@ def encode_documents(enc, texts):
 
 
 worker_tokenizer = None  # in a worker process, the tokenizer that start_worker was given
-held_lock = None         # while a run owns out_dir, its lock file (claim_out_dir)
+held_lock = None         # while a run owns out_dir, the descriptor of its lock (claim_out_dir)
 
 
 def start_worker(enc):
@@ -251,7 +251,7 @@ def start_worker(enc):
     if held_lock is not None:
         # A forked worker shares the main process's lock on out_dir. Let go of it, or a run killed mid-batch
         # would keep out_dir locked until each of its workers finished its batch and found the run gone.
-        held_lock.close()
+        os.close(held_lock)
     worker_tokenizer = enc  # pickled where processes are spawned: far cheaper than building it again
 
 
@@ -517,7 +517,7 @@ def set_up(args):
 def claim_out_dir(out_dir):
     """Make out_dir if need be, and own it while the run lasts: a second run into it meanwhile gets one line
     naming this one's process, instead of writing shards between this one's. What killed runs were writing
-    goes first. The lock file goes last, and so does out_dir itself if this run made it and leaves it empty."""
+    goes first (lock_dir). The lock file stays; out_dir goes if this run made it and leaves nothing else in it."""
     global held_lock
     made = []  # the directories of out_dir's path that this run makes, deepest first
     path = os.path.normpath(out_dir)
@@ -526,19 +526,17 @@ def claim_out_dir(out_dir):
         path = os.path.dirname(path)
     check_writable_dir(out_dir, "out_dir")
     try:
-        held_lock = lock_dir(out_dir, "another fineweb.py run")  # a full disk: one line, and no lock file left
-        removed = sweep_temporary_files(out_dir)
-        if removed:
-            print(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} that killed runs left "
-                  f"in {out_dir}")
+        held_lock = lock_dir(out_dir, "another fineweb.py run")
         yield
     finally:
         if held_lock is not None:
-            unlock_dir(held_lock)
+            os.close(held_lock)
             held_lock = None
         for directory in made:
-            if os.listdir(directory):
+            if set(os.listdir(directory)) - {".lock"}:
                 break
+            if os.path.exists(os.path.join(directory, ".lock")):
+                os.remove(os.path.join(directory, ".lock"))
             os.rmdir(directory)
 
 

@@ -28,7 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, get_tokenizer, parse_command_line, run_main, settings_of
+import common
+from common import UserError, get_tokenizer, run_main
+from configurator import parse_command_line, settings_of
 
 # -----------------------------------------------------------------------------
 # Settings of the command line (python hellaswag.py --help)
@@ -63,15 +65,12 @@ def download(split):
     if os.path.exists(path):
         return path
     url = f"{DATA_URL}hellaswag_{split}.jsonl"
+    os.makedirs(directory, exist_ok=True)
     try:
-        os.makedirs(directory, exist_ok=True)
-        # A temporary file of its own, renamed once complete: processes downloading at once never write into
-        # each other's file, and a download cut short never leaves a file under the final name.
-        torch.hub.download_url_to_file(url, path, progress=sys.stderr.isatty())
-    except OSError as e:  # urllib's errors are OSErrors too
-        reason = getattr(e, "reason", None) or e.strerror or e
-        raise UserError(f"cannot download {url} ({reason}); without internet, fetch that file elsewhere and "
-                        f"pass its path as --data (hellaswag.py) or --hellaswag_data (train_gpt2.py)") from None
+        common.download(url, path)
+    except UserError as e:
+        raise UserError(f"{e}; without internet, fetch that file elsewhere and pass its path as --data "
+                        f"(hellaswag.py) or --hellaswag_data (train_gpt2.py)") from None
     with open(path, "rb") as f:
         lines = sum(1 for line in f if line.strip())
     if lines != SPLIT_SIZES[split]:
@@ -138,8 +137,7 @@ def load_examples(tokenizer, path="", split="val"):
 def load_for_training(path=""):
     """The trainer's examples: the validation split (path, or downloaded into the cache), tokenized by GPT-2's
     tokenizer; one process per node downloads, the others then find the file."""
-    from common import first_on_each_node
-    with first_on_each_node():
+    with common.first_on_each_node():
         try:
             return load_examples(get_tokenizer(), path)
         except UserError as e:
@@ -175,35 +173,17 @@ def plan_batches(examples, block_size, batch_size):
     return batches
 
 
-def hidden_states_of_endings(model, contexts, endings, kv_dtype):
+def hidden_states_of_endings(model, contexts, endings):
     """Each context (E, context_length) goes through the model once, into a KV cache; the cache is
     copied for each of its NUM_ENDINGS endings, right-padded to (NUM_ENDINGS * E, width), which
     continue from it together. With causal attention no real token attends to the padding after it,
     so padding changes nothing. Returns (NUM_ENDINGS * E, 1 + width, n_embd): per ending, the hidden
     state of the context's last token, then of its own tokens; position j predicts its token j."""
-    config = model.config
-    # The cache that model.hidden_states fills: per layer (keys, values), and the positions filled so far;
-    # as long as this batch needs rather than block_size, in the dtype of the keys (autocast's or the weights').
-    shape = (len(contexts), config.n_head, contexts.size(1) + endings.size(1), config.n_embd // config.n_head)
-    def empty():
-        return torch.empty(shape, dtype=kv_dtype, device=contexts.device)
-    cache = SimpleNamespace(layers=[(empty(), empty()) for _ in range(config.n_layer)], pos=0)
+    # The model's KV cache (made at the first write, in the keys' dtype), as long as this batch needs.
+    cache = SimpleNamespace(layers=[None] * model.config.n_layer, length=contexts.size(1) + endings.size(1), pos=0)
     last = model.hidden_states(contexts, cache)[:, -1:]  # (E, 1, n_embd)
     cache.layers = [tuple(t.repeat_interleave(NUM_ENDINGS, dim=0) for t in layer) for layer in cache.layers]
     return torch.cat([last.repeat_interleave(NUM_ENDINGS, dim=0), model.hidden_states(endings, cache)], dim=1)
-
-
-def to_device(arrays, device):
-    """The integer arrays as int64 tensors on the device, in one copy: packed end to end into one host buffer,
-    pinned on CUDA so that the copy is asynchronous (the host goes on without waiting for the device), then cut
-    into views of the one device tensor. On a CPU the views are of the host buffer itself."""
-    arrays = [np.asarray(array, dtype=np.int64) for array in arrays]
-    on_cuda = torch.device(device).type == "cuda"
-    host = torch.empty(sum(array.size for array in arrays), dtype=torch.int64, pin_memory=on_cuda)
-    np.concatenate([array.ravel() for array in arrays], out=host.numpy())
-    # The pinned buffer may be freed at once: PyTorch's pinned allocator reuses it only once the copy is done.
-    packed = host.to(device, non_blocking=on_cuda)
-    return [piece.view(array.shape) for piece, array in zip(packed.split([array.size for array in arrays]), arrays)]
 
 
 def score_batch(model, examples, device, dtype):
@@ -224,11 +204,10 @@ def score_batch(model, examples, device, dtype):
         targets.extend(ending)
         slots.extend(range(r * width, r * width + len(ending)))
     contexts = [example.context for example in examples]
-    contexts, inputs, predict_from, targets, slots, ending_lengths = to_device(
+    contexts, inputs, predict_from, targets, slots, ending_lengths = common.to_device(
         [contexts, inputs, predict_from, targets, slots, list(map(len, endings))], device)
-    kv_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
     with torch.no_grad(), mixed_precision(device, dtype):
-        hidden = hidden_states_of_endings(model, contexts, inputs, kv_dtype)
+        hidden = hidden_states_of_endings(model, contexts, inputs)
         logits = model.logits(hidden.flatten(0, 1)[predict_from]).float()  # (scored tokens, vocab_size)
     # A CPU computes the cross-entropy several times faster a few rows at a time, each piece in its caches,
     # than over logits of hundreds of MB; a GPU is fastest in one go.
@@ -339,7 +318,7 @@ def run(argv):
         raise UserError("--limit and --baseline_examples take 0 or more, --batch_size 1 or more")
     if args.split not in SPLIT_SIZES:
         raise UserError(f"--split takes {', '.join(SPLIT_SIZES)}, not '{args.split}'")
-    system = setup_system(args)
+    system = setup_system(args.device, args.dtype)
     examples = load_examples(get_tokenizer(), args.data, args.split)[:args.limit or None]
     net, _ = load_model(args.model)
     net.to(system.device).eval()

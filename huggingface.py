@@ -7,7 +7,8 @@ a trained model out (--export_hf=DIR) as a directory that transformers loads off
 
 The two models have the same modules under the same names; OpenAI's checkpoints store four of the weight
 matrices as Conv1D, (in, out), where nn.Linear wants (out, in), and our vocabulary is padded to a multiple of 64.
-Only train_gpt2.py imports this file, and it imports nothing of train_gpt2.py's.
+An export checks itself: transformers must compute our logits from it. Only train_gpt2.py imports this file, and
+it imports nothing of train_gpt2.py's.
 """
 
 import os
@@ -87,31 +88,74 @@ def hf_state_dict(model):
     return state
 
 
+# Our MLP's activation module -> transformers' activation_function that computes the same.
+ACTIVATIONS = {("GELU", "tanh"): "gelu_new", ("GELU", "none"): "gelu", ("ReLU", None): "relu", ("SiLU", None): "silu"}
+
+
+def hf_config(model):
+    """The GPT2Config of our model, with n_inner and activation_function saying a changed MLP; None for a model
+    whose MLP transformers cannot express (an activation it does not name)."""
+    from transformers import GPT2Config
+    c, mlp = model.config, model.transformer.h[0].mlp
+    kinds = [(type(m).__name__, getattr(m, "approximate", None)) for m in mlp.children() if not hasattr(m, "weight")]
+    if len(kinds) != 1 or kinds[0] not in ACTIVATIONS:
+        return None
+    return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                      n_head=c.n_head, n_inner=mlp.c_fc.out_features, activation_function=ACTIVATIONS[kinds[0]],
+                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_head)
+
+
 def save_hf(model, directory):
     """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
     model.safetensors, generation_config.json (generation stops at the model's context) and the tokenizer's
-    files."""
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    files. Then load it back with transformers and compare its logits with ours on one batch: a model that
+    transformers computes otherwise (a changed architecture it cannot say) is one UserError, and nothing is
+    left in directory."""
+    from transformers import GenerationConfig, GPT2LMHeadModel, GPT2TokenizerFast
     check_writable_dir(directory, "export_hf")
     quiet_transformers()
-    c = model.config
-    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                           n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-                           tie_word_embeddings=c.tie_head)
-    with torch.device("meta"):  # no memory or time spent on weights that are replaced at once
-        hf = GPT2LMHeadModel(hf_config)
-    hf.load_state_dict(hf_state_dict(model), assign=True, strict=False)
-    if c.tie_head:
-        hf.tie_weights()
-    # Learned positions end at block_size: past it transformers would index outside the position embedding.
-    hf.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256, max_length=c.block_size)
-    hf.save_pretrained(directory)
+    config = hf_config(model)
+    try:
+        if config is None:
+            raise UserError("its MLP's activation is none that transformers' GPT-2 names (gelu_new, gelu, relu, silu)")
+        with torch.device("meta"):  # no memory or time spent on weights that are replaced at once
+            hf = GPT2LMHeadModel(config)
+        try:
+            hf.load_state_dict(hf_state_dict(model), assign=True, strict=False)
+        except RuntimeError as e:  # a weight of another shape than the config says
+            raise UserError(f"its weights do not fit GPT-2's layout ({str(e).splitlines()[-1].strip()})") from None
+        if model.config.tie_head:
+            hf.tie_weights()
+        # Learned positions end at block_size: past it transformers would index outside the position embedding.
+        hf.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256,
+                                                max_length=model.config.block_size)
+        hf.save_pretrained(directory)
+        check_logits(model, GPT2LMHeadModel.from_pretrained(directory))
+    except UserError as e:
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            os.remove(os.path.join(directory, name))
+        os.rmdir(directory)
+        raise UserError(f"cannot export this model to Hugging Face: {e}") from None
     # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
     for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
-    GPT2TokenizerFast.from_pretrained(directory, model_max_length=c.block_size).save_pretrained(directory)
+    GPT2TokenizerFast.from_pretrained(directory, model_max_length=model.config.block_size).save_pretrained(directory)
     # safetensors writes its file private (0600); every file of the export gets the usual mode of new files.
     umask = os.umask(0)
     os.umask(umask)
     for name in os.listdir(directory):
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
+def check_logits(model, hf):
+    """Refuse an export whose logits in transformers differ from ours on one batch of random tokens."""
+    idx = torch.randint(0, model.config.vocab_size, (2, min(16, model.config.block_size)),
+                        generator=torch.Generator().manual_seed(0))
+    training = model.training
+    with torch.no_grad():
+        ours, theirs = model.eval()(idx)[0].float(), hf.eval()(idx).logits.float()
+    model.train(training)
+    difference = (ours - theirs).abs().max().item()
+    if not difference <= 1e-3 + 1e-4 * ours.abs().max().item():
+        raise UserError(f"transformers computes other logits from it (up to {difference:.3g} apart): the model was "
+                        f"changed in a way GPT-2's config cannot say")

@@ -19,7 +19,8 @@ import os
 import sys
 from types import SimpleNamespace
 
-from common import UserError, atomic_write, newest_run, parse_command_line, run_main, settings_of
+from common import UserError, atomic_write, newest_run, run_main
+from configurator import parse_command_line, settings_of
 
 # -----------------------------------------------------------------------------
 # Settings of the command line (python plot.py --help)

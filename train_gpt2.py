@@ -1,25 +1,30 @@
 """
 Train GPT-2 from scratch, or from OpenAI's weights, on uint16 token shards.
 
-    python train_gpt2.py config/shakespeare.py        # a small model on input.txt, a few CPU minutes
+    python train_gpt2.py config/fast.py config/shakespeare.py   # a small model on input.txt, a few CPU minutes
     python train_gpt2.py                              # GPT-2 124M on FineWeb-Edu 10B (python fineweb.py first)
     torchrun --nproc_per_node=8 train_gpt2.py         # the same on 8 GPUs
     python train_gpt2.py --init_from=resume --out_dir=log/shakespeare   # go on where a run stopped
     python train_gpt2.py --help                       # every setting, its default and what it does
 
-The file reads top to bottom: settings, model, data, schedule and optimizers, training, evaluation, checkpoints,
-main. What every script shares is in common.py; what serves one mode or backend has a file of its own: fsdp.py,
-huggingface.py (OpenAI's weights, --export_hf), bench/speed.py (--benchmark, --batch_size=auto).
+The settings are the constants just below: config files (config/*.py, applied in order) and then --name=value
+flags rewrite them before anything runs, so that all code in this file reads the values the run prints.
+config/fast.py is the fast recipe (Muon, an untied head), config/shakespeare.py the quick start's data and size.
+The file reads top to bottom: settings, model, data, schedule and optimizers, the training loop, evaluation,
+main. The run directory and checkpoint files are checkpoints.py's; --fsdp is fsdp.py's; OpenAI's weights and
+--export_hf are huggingface.py's.
 """
 
+import glob
 import json
 import math
 import os
 import secrets
 import shlex
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -29,22 +34,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bench.speed as bench_speed
-from common import (StopSignals, Stopped, UserError, atomic_write, check_ranges, check_room, check_token_ids,
-                    check_writable_dir, checkpoint_paths, claim_out_dir, device_type_of, download, duration, every_rank,
-                    first_on_each_node, get_tokenizer, judge_pending, list_shards, load_torch_file, next_commands,
-                    on_rank_zero, open_shard, parse_command_line, pick_device, pick_dtype, release_out_dir,
-                    resume_advice, rng_state, rotate_checkpoints, run_main, set_rng_state, settings_for_run,
-                    settings_of, split_text_tokens)
-from fsdp import all_finite, full_state_dicts, load_optimizer_state, memory_per_process, muon, shard_model, whole
+import checkpoints
+from common import (UserError, atomic_write, check_token_ids, check_writable_dir, download, first_on_each_node,
+                    get_tokenizer, open_shard, run_main, split_text_tokens, to_device)
+from configurator import check_ranges, parse_command_line, settings_of
 from hellaswag import evaluate as hellaswag_evaluate, load_for_training as load_hellaswag_examples
 from plot import RunLog, WandbRun
-from sample import generate
 
 # -----------------------------------------------------------------------------
-# Settings. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B.
-# The comment after each constant is its --help text. Edit them here, set them in a config file of
-# `name = value` lines (config/shakespeare.py), or pass --name=value: the flags win, then the config files.
+# Settings. The defaults are the GPT-2 124M recipe on FineWeb-Edu 10B; the comment after each is its --help text.
 
 # data and output
 data_dir = "edu_fineweb10B"      # directory of token shards (*train*/*val*, .bin or .npy), or a .txt file
@@ -66,11 +64,8 @@ activation_checkpointing = False # recompute activations in the backward pass: l
 batch_size = 64                  # sequences per micro-batch and process; auto: the largest that fits (on CUDA)
 total_batch_size = 524288        # tokens per optimizer step, across all processes (2**19)
 # optimizer and schedule
-recipe = "gpt2"                  # gpt2: the settings as written here; fast: FAST below in place of those it names
 max_steps = 19073                # optimizer steps: 10B tokens / 2**19 tokens per step
-warmup_steps = 715               # linear warmup from 0 to max_lr
-schedule = "cosine"              # cosine: warmup, then a cosine to min_lr; wsd: warmup, max_lr, then linear to min_lr
-warmdown = 0.5                   # with schedule=wsd: the last fraction of max_steps, spent decaying to min_lr
+warmup_steps = 715               # linear warmup from 0 to max_lr, then a cosine decay to min_lr at max_steps
 max_lr = 6e-4                    # peak learning rate
 min_lr = 6e-5                    # learning rate at the end of the decay
 embedding_lr = 0.0               # AdamW's peak rate for an untied model's embeddings; 0 (and a tied one): max_lr
@@ -109,12 +104,7 @@ eval_only = False                # evaluate the model (validation loss, HellaSwa
 benchmark = False                # time training steps on random tokens and print tokens/s, MFU, memory
 profile = ""                     # with benchmark: write a torch.profiler trace of 3 steps into this directory
 export_hf = ""                   # write the model as a Hugging Face directory here and exit
-SETTINGS = settings_of(globals())
-
-# --recipe=fast: these values in place of the constants above; a flag or a config file still wins. Each choice and
-# the measurement behind it: docs/optimizers.md.
-FAST = dict(optimizer="muon", max_lr=4e-3, min_lr=4e-4, beta1=0.8, embedding_lr=5e-2, tie_head=False, zero_init=True,
-            muon_momentum_warmup=300)
+SETTINGS = settings_of(globals())  # as written above; main() rewrites the constants themselves for the run
 
 # -----------------------------------------------------------------------------
 # Model: GPT-2 as OpenAI built it. Module names match Hugging Face's GPT2LMHeadModel.
@@ -137,6 +127,15 @@ class GPTConfig:
         return (self.vocab_size + 63) // 64 * 64
 
 
+class KVCache:
+    """The keys and values of the positions seen so far, so that each new position costs the model one: per layer
+    (keys, values), each (B, nh, length, hs), made at the first write in the dtype of the keys (autocast's or
+    the weights'), filled up to pos."""
+
+    def __init__(self, n_layer, length):
+        self.layers, self.length, self.pos = [None] * n_layer, length, 0
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_index):
@@ -146,27 +145,25 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.layer_index, self.block_size = layer_index, config.block_size
+        self.layer_index = layer_index
 
     def forward(self, x, cache=None):
-        """x (B, T, C); in generation, cache is a KVCache (sample.py) of the positions before these T."""
+        """x (B, T, C); in generation and HellaSwag, cache is a KVCache of the positions before these T."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is None:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
         else:
             if cache.layers[self.layer_index] is None:
-                shape = (B, self.n_head, self.block_size, C // self.n_head)
+                shape = (B, self.n_head, cache.length, C // self.n_head)
                 cache.layers[self.layer_index] = (k.new_empty(shape), v.new_empty(shape))
             keys, values = cache.layers[self.layer_index]
             start, end = cache.pos, cache.pos + T
             keys[:, :, start:end], values[:, :, start:end] = k, v
-            k, v = keys[:, :, :end], values[:, :, :end]
             # New query i sits at position start + i and may see every position up to it.
             mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -248,14 +245,12 @@ class GPT(nn.Module):
         ever predicted, and the logits come out whole rather than as a slice to be copied."""
         return F.linear(hidden, self.lm_head.weight[:self.config.vocab_size])
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None):
         """Logits (B, T, vocab_size), and the mean cross-entropy if targets (B, T) are given."""
         # Through the class: under FSDP the instance's own hidden_states and logits gather the root's weights (for
         # generation and HellaSwag), which forward has done already; again would double the root's all-gathers.
-        logits = GPT.logits(self, GPT.hidden_states(self, idx, cache))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        logits = GPT.logits(self, GPT.hidden_states(self, idx))
+        loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return logits, loss
 
     def num_params(self):
@@ -265,14 +260,65 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the matmuls with the weights (an untied token embedding is a lookup,
         no matmul), 12 L H Q T for attention."""
         c = self.config
-        untied = 0 if c.tie_head else self.transformer.wte.weight.numel()
-        return 6 * (self.num_params() - untied) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+        matmul_params = self.num_params() - (0 if c.tie_head else self.transformer.wte.weight.numel())
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
         """GPT-2 (gpt2[-medium|-large|-xl]) from the Hugging Face hub, or a directory save_pretrained wrote."""
         from huggingface import load_gpt2
         return load_gpt2(cls, GPTConfig, name_or_dir, dropout)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 generator=None, use_cache=True):
+        """Continue the (B, T) token ids idx: yield max_new_tokens times a (B,) tensor of next tokens. Run the
+        model in eval mode.
+
+        temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose probability
+        reaches p; repetition_penalty > 1 makes every token already in the text less likely (as CTRL and
+        transformers do it). With use_cache=False every token recomputes the whole context: the reference that
+        the cache must equal. Past block_size the context restarts from its last block_size // 2 tokens (one
+        prefill, then one position a token again): the positions are learned, so a token's keys and values depend
+        on where it sits, and the cache cannot just drop its oldest position."""
+        seen = None  # (B, vocab_size): which tokens the text holds so far, for the repetition penalty
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(idx.size(0), self.config.vocab_size, dtype=torch.bool, device=idx.device)
+            seen.scatter_(1, idx, True)
+        context, cache = idx, None
+        for _ in range(max_new_tokens):
+            if context.size(1) > self.config.block_size:
+                context, cache = context[:, -(self.config.block_size // 2):], None
+            if cache is not None:
+                hidden = self.hidden_states(context[:, -1:], cache)  # only the newest token: the rest is cached
+            else:
+                cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
+                hidden = self.hidden_states(context, cache)
+            logits = self.logits(hidden[:, -1]).float()  # only the last position predicts: (B, vocab_size)
+            if seen is not None:
+                penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen, penalized, logits)
+            token = choose_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            context = torch.cat([context, token[:, None]], dim=1)
+            yield token
+
+
+def choose_token(logits, temperature, top_k, top_p, generator=None):
+    """(B, vocab_size) logits -> (B,) token ids: the likeliest if temperature is 0, else a draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the likeliest token has 0 before it and always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(mass_before >= top_p, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards, memory-mapped, or a .txt file tokenized in memory
@@ -299,15 +345,30 @@ def find_data(data_dir, vocab_size, partial_data=False):
         check_token_ids(data_dir, tokens, vocab_size)
         train, val = split_text_tokens(tokens)  # the last tenth validates, as with fineweb.py --input FILE.txt
         return [train], [val]
-    return list_shards(data_dir, vocab_size, partial_data)
-
-
-def to_device(batch, device):
-    """Move (inputs, targets) to the device. From pinned host memory the copy runs asynchronously,
-    so the GPU never waits for the next batch."""
-    if str(device).startswith("cuda"):
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-    return tuple(t.to(device) for t in batch)
+    if os.path.isfile(data_dir):
+        raise UserError(f"data_dir {data_dir} is a file but not a .txt file; give a text file (.txt) or a directory "
+                        f"of token shards (python fineweb.py --input {data_dir} makes one from most formats)")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} does not exist; make the shards with python fineweb.py, "
+                        f"or point --data_dir at a shard directory or a .txt file")
+    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's, marked complete at its end
+    try:
+        complete = json.load(open(manifest)).get("complete", True) if os.path.isfile(manifest) else True
+    except (OSError, ValueError) as e:
+        raise UserError(f"{manifest} cannot be read ({e}); run fineweb.py again to remake it") from None
+    if not complete and not partial_data:
+        raise UserError(f"{data_dir} is unfinished: its manifest.json lists shards of a corpus that fineweb.py has "
+                        f"not finished; run the same fineweb.py command again to finish it (it resumes), or train on "
+                        f"what is there with --partial_data")
+    shards = sorted(os.path.join(data_dir, name) for name in os.listdir(data_dir) if name.endswith((".bin", ".npy")))
+    train, val = ([s for s in shards if split in os.path.basename(s)] for split in ("train", "val"))
+    if not train or not val:
+        raise UserError(f"data_dir {data_dir} has {len(train)} training and {len(val)} validation shards (.bin or "
+                        f".npy with 'train' or 'val' in the name); it needs at least one of each (python fineweb.py "
+                        f"makes them)")
+    for shard in shards:
+        open_shard(shard, vocab_size, check_ids=False)  # headers and sizes now; the token ids as each is read
+    return train, val
 
 
 class DataLoader:
@@ -358,8 +419,6 @@ class DataLoader:
         return {"epoch": self.epoch, "shard": self.shard, "chunk": self.chunk}
 
     def load_state_dict(self, state):
-        if "position" in state:  # written before epochs were counted: {"shard", "position": token offset}
-            state = {"epoch": 0, "shard": state["shard"], "chunk": -(-state["position"] // (self.B * self.T))}
         self.go_to(state["epoch"], state["shard"], state["chunk"])
 
     def next_batch(self):
@@ -380,288 +439,516 @@ class DataLoader:
 # Schedule and optimizers
 
 
-def get_lr(step, warmup_steps, max_steps, max_lr, min_lr, warmdown=None):
-    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps; or, given warmdown, max_lr until the
-    last warmdown fraction of max_steps, and a straight line down to min_lr over it (warmup-stable-decay)."""
+def get_lr(step):
+    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
-    if warmdown is not None:
-        left = (max_steps - step) / max(1, round(warmdown * max_steps))
-        return min_lr + min(1.0, left) * (max_lr - min_lr)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def configure_optimizers(model, cfg, device_type):
-    """The optimizers of a run, stepped together: [AdamW], or with --optimizer=muon [Muon, AdamW], Muon taking
+def configure_optimizers(model, device_type):
+    """The optimizers of a run, stepped together: [AdamW], or with optimizer=muon [Muon, AdamW], Muon taking
     the weight matrices inside the blocks and AdamW the embeddings, the head, biases and LayerNorm gains.
     AdamW decays its matrices and embeddings; biases and gains stay free. Each group keeps its peak rate as
     peak_lr: the schedule scales them all alike. On CUDA the fused AdamW updates every parameter in one launch."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = []
-    if cfg.optimizer == "muon":
+    if optimizer == "muon":
         matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
-        # match_rms_adamw scales each matrix's orthogonalized update to the RMS of an AdamW update, so that
-        # Muon's learning rate and weight decay read like AdamW's.
-        optimizers.append(muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                               weight_decay=cfg.muon_weight_decay, adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay))
         params = [p for p in params if not any(p is m for m in matrices)]
-    # An untied model's embeddings have a group of their own only at a rate of their own: a checkpoint written
-    # without one holds the groups below. A tied embedding is the head, and trains at the head's rate, max_lr.
-    untied = cfg.embedding_lr and not model.config.tie_head
+    # An untied model's embeddings have a group of their own only at a rate of their own. A tied embedding is the
+    # head, and trains at the head's rate, max_lr.
+    untied = embedding_lr and not model.config.tie_head
     embeddings = [model.transformer.wte.weight, model.transformer.wpe.weight] if untied else []
     params = [p for p in params if not any(p is q for q in embeddings)]
-    groups = [{"params": embeddings, "weight_decay": cfg.weight_decay, "lr": cfg.embedding_lr or cfg.max_lr},
-              {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    groups = [{"params": embeddings, "weight_decay": weight_decay, "lr": embedding_lr or max_lr},
+              {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [group for group in groups if group["params"]]
-    optimizers.append(torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                        fused=device_type == "cuda"))
-    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+    optimizers.append(torch.optim.AdamW([group for group in groups if group["params"]], lr=max_lr,
+                                        betas=(beta1, beta2), eps=adam_eps, fused=device_type == "cuda"))
+    for group in (group for opt in optimizers for group in opt.param_groups):
         group["peak_lr"] = group["lr"]
     return optimizers
 
+
+def newton_schulz(G, steps=5, eps=1e-7):
+    """The nearest semi-orthogonal matrix to G, roughly: five steps of a quintic Newton-Schulz iteration in bfloat16,
+    whose coefficients push small singular values up fast rather than converge (they land in about 0.7-1.2,
+    which trains as well as exactly 1)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    if G.size(0) > G.size(1):
+        X = X.T  # the Gram matrix of the short side is the smaller one
+    X.div_(X.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights: Nesterov momentum whose update is orthogonalized (newton_schulz), then scaled to the
+    RMS of an AdamW update, 0.2 sqrt(max(rows, columns)), so that its rate and decoupled weight decay read like
+    AdamW's. The arithmetic of torch.optim.Muon with adjust_lr_fn="match_rms_adamw". Under FSDP a process holds
+    some rows of each matrix: the momentum is elementwise and stays sharded, the update is gathered whole to be
+    orthogonalized, and each process keeps its own rows of the result, with no more communication."""
+
+    def __init__(self, params, lr, momentum, weight_decay):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # closure: as torch.optim's signature has it (FSDP's state loading passes None)
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                momentum.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(momentum, group["momentum"])
+                if hasattr(update, "full_tensor"):  # an FSDP shard
+                    from torch.distributed.tensor import distribute_tensor
+                    update = distribute_tensor(newton_schulz(update.full_tensor()), p.device_mesh, p.placements,
+                                               src_data_rank=None)
+                else:
+                    update = newton_schulz(update)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * (0.2 * math.sqrt(max(p.shape))))
+
+
+def set_lr(optimizers, step):
+    """The schedule's rate for this step, each group at its own peak; Muon's momentum warming up."""
+    lr = get_lr(step)
+    rise = min(1.0, (step + 1) / muon_momentum_warmup) if muon_momentum_warmup else 1.0
+    for group in (group for opt in optimizers for group in opt.param_groups):
+        group["lr"] = lr * group["peak_lr"] / max_lr
+        if "nesterov" in group:  # Muon's
+            group["momentum"] = 0.85 + rise * (muon_momentum - 0.85)
+    return lr
+
 # -----------------------------------------------------------------------------
-# Training: processes and devices, the step, and the loop
+# Training: processes and devices, and the loop
 
 
-def setup_system(cfg):
+def setup_system(device_name="", dtype_name="", shard=False):
     """Processes, device and precision from torchrun's environment and the settings, as a namespace:
-    rank, local_rank, world_size, master, device, device_type, dtype, autocast, fsdp (whether training shards
-    the model: --fsdp under torchrun; one process started without torchrun has nothing to shard)."""
+    rank, local_rank, world_size, master, say (print on rank 0), device, device_type, dtype, autocast, fsdp
+    (whether training shards the model: shard under torchrun; one process has nothing to shard)."""
     rank, local_rank, world_size = (int(os.environ.get(k, 0 if k != "WORLD_SIZE" else 1))
                                     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = pick_device(cfg.device)
-    cuda = device.startswith("cuda")
-    if cuda:
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device = device_name or next(name for name, ok in available.items() if ok)
+    device_type = device.split(":")[0]
+    if device_type not in available:
+        raise UserError(f"--device takes cuda, cuda:N, mps or cpu, not '{device}'")
+    if not available[device_type]:
+        raise UserError(f"--device={device} is not available on this machine; try --device=cpu")
+    if device_type == "cuda":
         device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even with one process: DDP and NCCL
         # device_id binds NCCL to this process's GPU at once, so that no collective guesses the device. The others
         # wait at a collective while rank 0 alone writes a checkpoint (19 GB for gpt2-xl): an hour, not 10 minutes.
+        cuda = device_type == "cuda"
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None,
                                 timeout=timedelta(hours=1))
-    device_type = device_type_of(device)
-    dtype = pick_dtype(cfg.dtype, device_type)
-    # sample.py and hellaswag.py share this set-up and have no fsdp setting: they never shard.
-    fsdp = getattr(cfg, "fsdp", False) and dist.is_initialized() and not (cfg.eval_only or cfg.export_hf)
-    if fsdp and dtype == torch.float16:
+    if dtype_name not in ("", "bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype={dtype_name}: choose bfloat16, float16 or float32")
+    precision = dtype_name or ("float32" if device_type != "cuda" else  # V100, T4: fp16 with loss scaling
+                               "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    fsdp_on = shard and dist.is_initialized()
+    if fsdp_on and precision == "float16":
         raise UserError("--fsdp trains in bfloat16 or float32, not float16 (whose loss scaler would judge each "
                         "process's shard of the gradients apart): set --dtype=bfloat16, or float32 on older GPUs")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     # float32: no mixed precision. Under FSDP the gathered weights themselves are cast (shard_model): no autocast.
-    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32 and not fsdp)
+    dtype = getattr(torch, precision)
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32 and not fsdp_on)
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
-                           device_type=device_type, dtype=dtype, autocast=autocast, fsdp=fsdp)
+                           say=print if rank == 0 else (lambda *args, **kwargs: None), device_type=device_type,
+                           dtype=dtype, autocast=autocast, fsdp=fsdp_on)
 
 
-def grad_accum_steps_for(cfg, world_size):
-    """Micro-steps per optimizer step, so that processes x micro-steps x batch_size x block_size = total_batch_size."""
-    micro_batch = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % micro_batch:
-        raise UserError(f"total_batch_size {cfg.total_batch_size:,} is not a multiple of batch_size x block_size x "
-                        f"processes = {cfg.batch_size} x {cfg.block_size} x {world_size} = {micro_batch:,}; change one")
-    return cfg.total_batch_size // micro_batch
-
-
-def compiles(cfg, system):
-    return cfg.compile if cfg.compile is not None else system.device_type == "cuda"
-
-
-def wrap_for_training(model, cfg, system):
+def wrap_for_training(model, system):
     """(the module the training steps run through, its DDP wrapper or None). DDP first, then compile: the compiler
     then splits the graph at DDP's buckets, so that the gradient all-reduce overlaps the backward pass. Under
     FSDP the model is sharded in place and compiled block by block. Evaluation, sampling and checkpoints use
     the plain model (the sharded one, under FSDP)."""
+    system.compiled = compile if compile is not None else system.device_type == "cuda"
     if system.fsdp:
-        return shard_model(model, compiles(cfg, system), system.dtype), None
+        from fsdp import shard_model
+        return shard_model(model, system.compiled, system.dtype), None
     ddp_model = None
     if dist.is_initialized():
-        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model = ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[system.local_rank] if system.device_type == "cuda" else None,
             gradient_as_bucket_view=True)
-    return (torch.compile(model) if compiles(cfg, system) else model), ddp_model
+    return (torch.compile(model) if system.compiled else model), ddp_model
 
 
-def train_step(step, model, ddp_model, optimizers, scaler, loader, cfg, system, grad_accum_steps, stops):
-    """One optimizer step, all of it: the schedule's learning rate, grad_accum_steps micro-batches forward and
-    backward, the gradients clipped, then the update, skipped if the loss or the gradient norm is not finite.
-    Returns (loss, gradient norm, learning rate, whether a stop signal came, whether the weights were updated),
-    or None when a signal comes between two micro-steps: that unfinished step is dropped, its gradients
-    discarded."""
-    lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr,
-                cfg.warmdown if cfg.schedule == "wsd" else None)
-    rise = min(1.0, (step + 1) / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
-    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
-        group["lr"] = lr * group["peak_lr"] / cfg.max_lr  # one schedule, each group at its own peak
-        if "nesterov" in group:  # Muon's
-            group["momentum"] = 0.85 + rise * (cfg.muon_momentum - 0.85)
-    loss_sum, t0 = torch.zeros((), device=system.device), time.time()
-    for micro_step in range(grad_accum_steps):
-        if stops is not None and stops.poll(micro_step):
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            return None
-        x, y = to_device(loader.next_batch(), system.device)
-        if ddp_model is not None:
-            # All-reduce the gradients only once they are complete, on the last micro-step's backward. FSDP
-            # reduce-scatters at every micro-step instead: holding them whole until the last would put a full
-            # float32 copy of the gradients on every process, the memory that sharding is there to save.
-            ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-        with system.autocast:
-            loss = model(x, y)[1]  # the logits are not kept: (B, T, vocab) would live on into the next micro-step
-        # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
-        loss = loss / grad_accum_steps
-        loss_sum += loss.detach()
-        scaler.scale(loss).backward()
-    for optimizer in optimizers:
-        scaler.unscale_(optimizer)
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) as a flag that the loop reads: the run then saves its last
+    finished step at once and exits with status 0. Under torchrun every process must read it alike, in an
+    all-reduce that waits for the device: a step's end reads it together with the loss (read), and a long
+    step or evaluation looks at it every few seconds' worth of micro-batches (poll)."""
+    SECONDS = 5.0  # torchrun kills its workers 30 s after the signal: a look at the flag at least this often
+
+    def __init__(self, world_size, device):
+        self.requested, self.world_size, self.device, self.every = False, world_size, device, 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+    def read(self, loss_sum=None, seconds_per_micro_step=0.0):
+        """(whether any process got a signal, the processes' mean loss_sum) in one all-reduce and one wait; the
+        micro-batches between looks at the flag are set from the processes' mean time per micro-batch."""
+        packed = torch.tensor([float(self.requested), seconds_per_micro_step], device=self.device)
+        if loss_sum is not None:
+            packed = torch.cat([packed, loss_sum.float().view(1)])
+        if self.world_size > 1:
+            dist.all_reduce(packed)  # summed: the loss and the time are means once divided, the flag is any
+            packed /= self.world_size
+        stop, seconds, *loss = packed.tolist()
+        if self.world_size > 1 and seconds:
+            self.every = max(1, int(self.SECONDS / max(seconds, 1e-6)))
+        return stop > 0, (loss[0] if loss else None)
+
+    def poll(self, i):
+        """Before the i-th micro-batch of a step or an evaluation: whether a signal came. The first goes on
+        without a look; under torchrun, the flag is read every `every` micro-batches, alike on every process."""
+        if i == 0 or (self.world_size > 1 and i % self.every):
+            return False
+        return self.requested if self.world_size == 1 else self.read()[0]
+
+
+class Stopped(Exception):
+    """A stop signal reached the run: it saves its last finished step and exits."""
+
+
+def clip_gradients(model, optimizers, scaler):
+    """Unscale (fp16) and clip the gradients to grad_clip; returns their global norm (a tensor: no wait)."""
+    for opt in optimizers:
+        scaler.unscale_(opt)
     parameters = [p for p in model.parameters() if p.grad is not None]
-    # Under FSDP each process holds shards: whole() sums their partial norms across the processes.
-    norm = whole(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
-    torch.nn.utils.clip_grads_with_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), norm)
-    seconds = (time.time() - t0) / grad_accum_steps
-    loss, stop = (loss_sum.item(), False) if stops is None else stops.step_end(loss_sum, seconds)
-    norm = norm.item()  # with the loss: the one wait for the device in a step
-    updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())
-    if updated:
-        for optimizer in optimizers:
-            scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
-    scaler.update()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return loss, norm, lr, stop, updated
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the shards' norms summed
+    torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip if grad_clip > 0 else float("inf"), norm)
+    return norm
 
 
-def train(model, step_model, ddp_model, checkpoint, cfg, system, grad_accum_steps):
-    """The training loop: cfg.max_steps optimizer steps of cfg.total_batch_size tokens each, from step 0 or
-    from where the checkpoint stopped, evaluating every eval_interval steps and saving every checkpoint_interval."""
-    say = print if system.master else (lambda *args, **kwargs: None)
-    vocab = model.config.vocab_size
-    train_sources, val_sources = find_data(cfg.data_dir, vocab, cfg.partial_data)
-    train_loader = DataLoader(train_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab,
-                              shuffle=cfg.shuffle, seed=cfg.seed)
-    val_loader = DataLoader(val_sources, cfg.batch_size, cfg.block_size, system.rank, system.world_size, vocab)
-    hella = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
-    optimizers = configure_optimizers(model, cfg, system.device_type)  # after sharding: the shards are the parameters
+def train(model, step_model, ddp_model, checkpoint, system, grad_accum_steps):
+    """The training loop: max_steps optimizer steps of total_batch_size tokens each, from step 0 or from where
+    the checkpoint stopped, evaluating every eval_interval steps and saving every checkpoint_interval."""
+    say, vocab, settings = system.say, model.config.vocab_size, run_settings()
+    train_sources, val_sources = find_data(data_dir, vocab, partial_data)
+    train_loader = DataLoader(train_sources, batch_size, block_size, system.rank, system.world_size, vocab,
+                              shuffle=shuffle, seed=seed)
+    val_loader = DataLoader(val_sources, batch_size, block_size, system.rank, system.world_size, vocab)
+    hella = load_hellaswag_examples(hellaswag_data) if hellaswag else None
+    optimizers = configure_optimizers(model, system.device_type)  # after sharding: the shards are the parameters
     scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)  # float16 only
     run = SimpleNamespace(model=model, optimizers=optimizers, scaler=scaler, train_loader=train_loader, step=0,
                           best_val_loss=float("inf"), best=None, good=None, pending=None, lowest_loss=float("inf"),
-                          run_id=secrets.token_hex(4), wandb_id=None,
-                          checkpoints=checkpoint_paths(cfg.out_dir))  # a new run's out_dir holds none
+                          run_id=secrets.token_hex(4), wandb_id=None, checkpoints=checkpoints.checkpoint_paths(out_dir))
     if checkpoint is not None:
-        restore_training_state(run, checkpoint, cfg, system, say)
-        say(f"resuming from step {run.step} of {cfg.out_dir}")
+        checkpoints.restore_training_state(run, checkpoint, system)
+        say(f"resuming from step {run.step} of {out_dir}")
         del checkpoint  # free the host copy of the weights and optimizer state
     wandb_run = None
     if system.master:  # run.json: the settings, the run's id, and the tokens per step that plot.py needs
-        atomic_write(os.path.join(cfg.out_dir, "run.json"), lambda f: f.write(json.dumps(
-            {"tokens_per_step": cfg.total_batch_size, "run_id": run.run_id, "settings": vars(cfg)}, indent=1).encode()))
-        if cfg.wandb_project:  # the same W&B run as before the checkpoint, if there was one
-            wandb_run = WandbRun(cfg.wandb_project, cfg.wandb_run_name, config=vars(cfg), resume_id=run.wandb_id)
+        atomic_write(os.path.join(out_dir, "run.json"), lambda f: f.write(json.dumps(
+            {"tokens_per_step": total_batch_size, "run_id": run.run_id, "settings": settings}, indent=1).encode()))
+        if wandb_project:  # the same W&B run as before the checkpoint, if there was one
+            wandb_run = WandbRun(wandb_project, wandb_run_name, config=settings, resume_id=run.wandb_id)
             run.wandb_id = wandb_run.id
-    log = RunLog(os.path.join(cfg.out_dir, "log.txt"), system.master, wandb_run, curves=True)
-    stops = StopSignals(system)
-    flops, peak = model.flops_per_token(), bench_speed.device_peak_flops(system.device, cfg.peak_flops)
+    log = RunLog(os.path.join(out_dir, "log.txt"), system.master, wandb_run, curves=True)
+    stops = StopSignals(system.world_size, system.device)
     say(f"{model.num_params():,} parameters | {system.world_size} processes x {grad_accum_steps} micro-steps x "
-        f"{cfg.batch_size} x {cfg.block_size} tokens = {cfg.total_batch_size:,} tokens per step | {system.device}, "
-        f"{str(system.dtype).removeprefix('torch.')}, compile {compiles(cfg, system)}")
-    weights, line = memory_per_process(model, optimizers, system.device, system.fsdp)
-    say(line)
+        f"{batch_size} x {block_size} tokens = {total_batch_size:,} tokens per step | {system.device}, "
+        f"{str(system.dtype).removeprefix('torch.')}, compile {system.compiled}")
+    say(memory_line(model, optimizers, system))
     if system.master:  # a checkpoint is about the weights and two AdamW moments
-        check_room(cfg.out_dir, 3 * weights, cfg.keep_checkpoints, len(run.checkpoints))
-    unit = "GPU" if system.device_type == "cuda" else "process"
+        checkpoints.check_room(out_dir, 3 * 4 * model.num_params(), keep_checkpoints, len(run.checkpoints))
     first_step, began, clock, failures = run.step, time.time(), None, 0
     try:
         if run.step == 0:
-            run.best_val_loss = evaluate(0, model, val_loader, hella, cfg, system, log, stops)  # the baseline
-        while run.step < cfg.max_steps:
-            t0, start = time.time(), (train_loader.state_dict(), rng_state(system.device_type))
+            run.best_val_loss = evaluate(0, model, val_loader, hella, system, log, stops)  # the baseline
+        while run.step < max_steps:
+            t0, start = time.time(), (train_loader.state_dict(), checkpoints.rng_state())
+            lr = set_lr(optimizers, run.step)
+            loss_sum = torch.zeros((), device=system.device)
             try:
-                result = train_step(run.step, step_model, ddp_model, optimizers, scaler, train_loader, cfg, system,
-                                    grad_accum_steps, stops)
+                for micro_step in range(grad_accum_steps):
+                    if stops.poll(micro_step):  # the unfinished step is dropped: back to its start, then save
+                        rewind(run, start)
+                        raise Stopped
+                    x, y = to_device(train_loader.next_batch(), system.device)
+                    if ddp_model is not None:
+                        # All-reduce the gradients only once they are complete, on the last micro-step's backward.
+                        # FSDP reduce-scatters at every micro-step instead: holding them whole until the last would
+                        # put a full float32 copy of the gradients on every process, the memory sharding saves.
+                        ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+                    with system.autocast:
+                        _, loss = step_model(x, y)
+                    # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
+                    loss = loss / grad_accum_steps
+                    loss_sum += loss.detach()
+                    scaler.scale(loss).backward()
             except UserError as e:  # a bad shard met on the way: keep the steps done so far, then stop with its message
                 rewind(run, start)
-                saved = f"the steps up to {run.step} are saved: " if save_checkpoint(run, cfg, system, say) else ""
+                saved = checkpoints.save_checkpoint(run, settings, system)
+                saved = f"the steps up to {run.step} are saved: " if saved else ""
                 raise UserError(f"{e}; {saved}remake that shard, then resume with --init_from=resume "
-                                f"--out_dir={cfg.out_dir}") from None
-            if result is None:  # a stop signal between micro-steps: the unfinished step is dropped
-                rewind(run, start)
-                raise Stopped
-            loss, norm, lr, stop, updated = result
-            judge_pending(run, loss, vocab)
+                                f"--out_dir={out_dir}") from None
+            norm = clip_gradients(model, optimizers, scaler)
+            # The mean loss over the processes and whether any got a stop signal: the one wait for the device.
+            stop, loss = stops.read(loss_sum, (time.time() - t0) / grad_accum_steps)
+            norm = norm.item()
+            updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())
+            if updated:
+                for opt in optimizers:
+                    scaler.step(opt)  # with fp16, the scaler itself skips steps whose gradients overflowed
+            scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            checkpoints.judge_pending(run, loss, vocab)
             failures = 0 if updated else failures + 1
             if not updated:
                 say(f"loss {loss}, gradient norm {norm}: update skipped")
                 if failures >= 3:
-                    raise UserError("non-finite loss or gradient norm for 3 steps in a row; " + resume_advice(run, cfg))
+                    raise UserError("non-finite loss or gradient norm for 3 steps in a row; "
+                                    + checkpoints.resume_advice(run, out_dir, max_lr))
             if system.device_type == "cuda":
                 torch.cuda.synchronize()  # so that the time below includes the optimizer step
             dt = time.time() - t0
-            if clock is None:  # the first step's time includes compilation and warm-up: estimate from the others
-                clock = (time.time(), run.step + 1)
+            clock = clock or (time.time(), run.step + 1)  # the first step compiles: the time left from the others
             done_since = run.step + 1 - clock[1]
-            left = (time.time() - clock[0]) / done_since * (cfg.max_steps - run.step - 1) if done_since else None
-            tokens_per_second, per_process, mfu = bench_speed.speed(cfg.total_batch_size, dt, system.world_size,
-                                                                    flops, peak)
+            left = (time.time() - clock[0]) / done_since * (max_steps - run.step - 1) if done_since else None
+            tokens_per_second, mfu = total_batch_size / dt, estimate_mfu(model, total_batch_size / dt, system)
+            unit = "GPU" if system.device_type == "cuda" else "process"
             log.record(run.step, "train", loss, [
-                f"step {run.step + 1} of {cfg.max_steps}", f"lr {lr:.4e}",
-                *([f"muon lr {lr * cfg.muon_lr / cfg.max_lr:.4e}"] if cfg.optimizer == "muon" else []),
-                f"norm {norm:.4f}", f"{1000 * dt:.0f} ms",
-                f"{tokens_per_second:,.0f} tok/s",
-                *([f"{per_process:,.0f} tok/s per {unit}"] if system.world_size > 1 else []),
+                f"step {run.step + 1} of {max_steps}", f"lr {lr:.4e}",
+                *([f"muon lr {lr * muon_lr / max_lr:.4e}"] if optimizer == "muon" else []),
+                f"norm {norm:.4f}", f"{1000 * dt:.0f} ms", f"{tokens_per_second:,.0f} tok/s",
+                *([f"{tokens_per_second / system.world_size:,.0f} tok/s per {unit}"] if system.world_size > 1 else []),
                 *([f"mfu {mfu:.1f}%"] if mfu else []), *([f"{duration(left)} left"] if left is not None else [])],
                 {"lr": lr, "grad_norm": norm, "tokens_per_second": tokens_per_second, **({"mfu": mfu} if mfu else {})})
             run.step += 1
-            last = run.step == cfg.max_steps
+            last = run.step == max_steps
             if stop:  # no evaluation: torchrun kills its workers 30 s after the signal, so save at once
                 raise Stopped
             val_loss = None
-            if run.step % cfg.eval_interval == 0 or last:
-                val_loss = evaluate(run.step, model, val_loader, hella, cfg, system, log, stops)
+            if run.step % eval_interval == 0 or last:
+                val_loss = evaluate(run.step, model, val_loader, hella, system, log, stops)
                 run.best_val_loss = min(run.best_val_loss, val_loss)
-            if run.step % cfg.checkpoint_interval == 0 or last:
-                if not save_checkpoint(run, cfg, system, say, val_loss) and last:
-                    raise UserError(f"step {run.step}: the model has non-finite weights, so no checkpoint was written; "
-                                    + resume_advice(run, cfg))
+            if (run.step % checkpoint_interval == 0 or last) and \
+                    not checkpoints.save_checkpoint(run, settings, system, val_loss) and last:
+                raise UserError(f"step {run.step}: the model has non-finite weights, so no checkpoint was written; "
+                                + checkpoints.resume_advice(run, out_dir, max_lr))
         steps = run.step - first_step
-        say(f"done: {steps} steps, {steps * cfg.total_batch_size:,} tokens in {duration(time.time() - began)}; "
-            f"best validation loss {run.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
+        say(f"done: {steps} steps, {steps * total_batch_size:,} tokens in {duration(time.time() - began)}; "
+            f"best validation loss {run.best_val_loss:.4f}; checkpoints in {out_dir}")
     except Stopped:
-        save_checkpoint(run, cfg, system, say)
+        checkpoints.save_checkpoint(run, settings, system)
         say(f"stopped by a signal after step {run.step}; continue with: python train_gpt2.py --init_from=resume "
-            f"--out_dir={shlex.quote(cfg.out_dir)}")
-    say(next_commands(cfg.out_dir))
+            f"--out_dir={shlex.quote(out_dir)}")
+    say(next_commands(out_dir))
     if wandb_run is not None:
         wandb_run.finish()
 
 
 def rewind(run, start):
-    """Back to the start of a step that is dropped: its data position and random states."""
-    loader_state, rng = start
-    run.train_loader.load_state_dict(loader_state)
-    set_rng_state(rng)
-    for optimizer in run.optimizers:
-        optimizer.zero_grad(set_to_none=True)
+    """Back to the start of a step that is dropped: its data position, random states and no gradients."""
+    run.train_loader.load_state_dict(start[0])
+    checkpoints.set_rng_state(start[1])
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
 
+
+def duration(seconds):
+    """4h05m, 12m30s or 42s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def next_commands(out_dir):
+    """What to do with a run once it ends: the commands for its own out_dir."""
+    d, hf = shlex.quote(out_dir), shlex.quote(os.path.join(out_dir, "hf"))
+    return "\n".join([
+        "next:",
+        f"  python sample.py --out_dir={d}                                   # sample from the newest checkpoint",
+        f"  python plot.py {d}                                               # draw the curves",
+        f"  python train_gpt2.py --init_from=resume --out_dir={d} --max_steps=N   # train further: the cosine "
+        f"is stretched to end at N",
+        f"  python train_gpt2.py --init_from=resume --out_dir={d} --export_hf={hf}   # a Hugging Face model"])
+
+# -----------------------------------------------------------------------------
+# Speed: MFU and memory, the benchmark, the micro-batch search
+
+# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (no sparsity), for MFU. The first
+# name found in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "GH200": 989e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12,
+              "T4": 65e12}
+
+
+def estimate_mfu(model, tokens_per_second, system):
+    """One device's model FLOPs utilization in %, or None when its peak is unknown: each process does
+    1/world_size of the work on its own device."""
+    peak = peak_flops or (next((flops for name, flops in PEAK_FLOPS.items()
+                                if name in torch.cuda.get_device_name(system.device)), None)
+                          if system.device_type == "cuda" else None)
+    return 100 * model.flops_per_token() * tokens_per_second / system.world_size / peak if peak else None
+
+
+def memory_line(model, optimizers, system):
+    """The memory of the process holding the most: weights, gradients and optimizer state, from the shapes of its
+    parameters (of its shards, under FSDP). AdamW keeps two moments of each of its parameters, Muon one."""
+    def size(p):
+        p = p.to_local() if hasattr(p, "to_local") else p
+        return p.numel() * p.element_size()
+    state = sum((2 if isinstance(opt, torch.optim.AdamW) else 1) * size(p)
+                for opt in optimizers for group in opt.param_groups for p in group["params"])
+    largest = torch.tensor([sum(map(size, model.parameters())), sum(size(p) for p in model.parameters()
+                                                                   if p.requires_grad), state], device=system.device)
+    if dist.is_initialized():
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    weights, gradients, state = largest.tolist()
+    return (f"memory per process: {weights / 1e9:.3g} GB weights + {gradients / 1e9:.3g} GB gradients + "
+            f"{state / 1e9:.3g} GB optimizer state = {(weights + gradients + state) / 1e9:.3g} GB before activations "
+            f"({'sharded by FSDP' if system.fsdp else 'a whole copy on each process'}; from the shapes)")
+
+
+def random_token_steps(model, step_model, ddp_model, system, batch, grad_accum_steps, moves=True):
+    """A function that runs one real training step (the loop's, without its log) on one chunk of random tokens,
+    again and again, and returns its loss: the benchmark's step, and the micro-batch search's (moves=False:
+    learning rate 0, so the weights stay). Its optimizers are its own, their state made at the first update."""
+    optimizers = configure_optimizers(model, system.device_type)
+    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
+    tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, batch * block_size + 1, dtype=np.uint16)
+    loader = DataLoader([tokens], batch, block_size, 0, 1, model.config.vocab_size)
+
+    def step():
+        set_lr(optimizers, warmup_steps)
+        for group in (group for opt in optimizers for group in opt.param_groups):
+            group["lr"] *= moves
+        loss_sum = 0.0
+        for micro_step in range(grad_accum_steps):
+            x, y = to_device(loader.next_batch(), system.device)
+            if ddp_model is not None:
+                ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            with system.autocast:
+                loss = step_model(x, y)[1] / grad_accum_steps
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+        clip_gradients(model, optimizers, scaler)
+        for opt in optimizers:
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        scaler.update()
+        return loss_sum.item()
+    return step
+
+
+def run_benchmark(step, model, system, warmup=3, measured=10):
+    """--benchmark: time the real training step on random tokens after `warmup` steps of compilation and
+    warm-up; print tokens/s, MFU and peak memory; with --profile, then trace three more steps."""
+    def synchronize():
+        if system.device_type == "cuda":
+            torch.cuda.synchronize()
+    for _ in range(warmup):
+        step()
+    synchronize()
+    if system.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for _ in range(measured):
+        loss = step()
+    synchronize()
+    seconds = (time.time() - t0) / measured
+    tokens, unit = total_batch_size / seconds, "GPU" if system.device_type == "cuda" else "process"
+    mfu = estimate_mfu(model, tokens, system)
+    mfu = f"{mfu:.1f}% per {unit}" if mfu else "n/a (no peak FLOP/s known for this device: set --peak_flops)"
+    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if system.device_type == "cuda" else "n/a (CPU)"
+    system.say(f"benchmark: {model.num_params():,} parameters, {total_batch_size:,} tokens per step, loss {loss:.4f}")
+    system.say(f"benchmark: {1000 * seconds:.1f} ms/step | {tokens:,.0f} tok/s | {tokens / system.world_size:,.0f} "
+               f"tok/s per {unit} | mfu {mfu} | peak memory {memory}")
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as profiler_of
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if system.device_type == "cuda" else [])
+        with profiler_of(activities=activities) as profiler:
+            for _ in range(3):
+                step()
+            synchronize()
+        if system.master:
+            os.makedirs(profile, exist_ok=True)
+            profiler.export_chrome_trace(os.path.join(profile, "trace.json"))
+            sort_by = "self_device_time_total" if system.device_type == "cuda" else "self_cpu_time_total"
+            print(profiler.key_averages().table(sort_by=sort_by, row_limit=10))
+            print(f"profile: 3 steps, trace in {os.path.join(profile, 'trace.json')}")
+
+
+def micro_batches(world_size):
+    """The micro-batches that keep total_batch_size with gradient accumulation: the powers of two that divide
+    each process's sequences per step, largest first."""
+    sequences, rest = divmod(total_batch_size, block_size * world_size)
+    return [] if rest else [b for b in (2 ** i for i in range(sequences.bit_length(), -1, -1)) if sequences % b == 0]
+
+
+def search_batch_size(model, ddp_model, system):
+    """--batch_size=auto: the largest micro-batch that keeps total_batch_size and fits on every process. On CUDA
+    each candidate, largest first, gets two real training steps (eager, through DDP where it runs; the second
+    holds AdamW's moments, made at the first). Elsewhere no search: the default, or the largest below it."""
+    candidates, default = micro_batches(system.world_size), SETTINGS["batch_size"]
+    if not candidates:
+        raise UserError(f"total_batch_size {total_batch_size:,} is not a multiple of block_size x processes = "
+                        f"{block_size} x {system.world_size}; --batch_size=auto needs one")
+    if system.device_type != "cuda":
+        batch = next((b for b in candidates if b <= default), 1)
+        system.say(f"auto batch_size: {batch} (the default {default} or the largest below it that keeps "
+                   f"total_batch_size: the search runs on CUDA only)")
+        return batch
+    rng, out_of_memory = checkpoints.rng_state(), []
+    for batch in candidates:
+        try:
+            step = random_token_steps(model, ddp_model or model, ddp_model, system, batch, 1, moves=False)
+            step(), step()
+            fits = torch.tensor(1.0, device=system.device)
+        except torch.OutOfMemoryError:
+            fits = torch.tensor(0.0, device=system.device)
+        torch.cuda.empty_cache()
+        if dist.is_initialized():
+            dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # it must fit on every process
+        if fits.item():
+            checkpoints.set_rng_state(rng)
+            tried = ", ".join(f"{b}: out of memory" for b in out_of_memory) or \
+                "the largest candidate; a larger one may fit"
+            system.say(f"auto batch_size: {batch} ({tried})")
+            return batch
+        out_of_memory.append(batch)
+    raise UserError(f"not even a micro-batch of 1 sequence fits on {system.device}; try --activation_checkpointing, "
+                    f"a shorter --block_size or a smaller model")
 
 # -----------------------------------------------------------------------------
 # Evaluation: validation loss, samples, HellaSwag
 
 
 @torch.no_grad()
-def validation_loss(model, loader, steps, autocast, device, stops=None):
+def validation_loss(model, loader, steps, system, stops=None):
     """Mean loss over the first `steps` micro-batches of the validation data: the same ones every time."""
     model.eval()
     loader.reset()
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=system.device)
     for i in range(steps):
         if stops is not None and stops.poll(i):
             raise Stopped
-        x, y = to_device(loader.next_batch(), device)
-        with autocast:
+        x, y = to_device(loader.next_batch(), system.device)
+        with system.autocast:
             total += model(x, y)[1]
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -670,145 +957,108 @@ def validation_loss(model, loader, steps, autocast, device, stops=None):
     return total.item() / steps
 
 
-def samples(model, cfg, system):
+def samples(model, system):
     """A few top-k 50 samples from the prompt (an empty one starts a new document), as text. The generator is
     seeded alike every time, so the training's random state is untouched and the samples of two evaluations
     differ only by the weights."""
     enc = get_tokenizer()
-    tokens = enc.encode(cfg.sample_prompt, allowed_special="all") if cfg.sample_prompt else [enc.eot_token]
+    tokens = enc.encode(sample_prompt, allowed_special="all") if sample_prompt else [enc.eot_token]
     if max(tokens) >= model.config.vocab_size:
         raise UserError(f"the samples' prompt holds GPT-2 token {max(tokens)}, outside the model's vocab_size "
                         f"{model.config.vocab_size}; set --num_samples=0 for a model of another vocabulary")
-    prompt = torch.tensor(tokens, dtype=torch.long, device=system.device)
-    idx = prompt[-model.config.block_size // 2:].repeat(cfg.num_samples, 1)
-    generator = torch.Generator(device=system.device).manual_seed(cfg.seed + system.rank)
+    idx = torch.tensor(tokens[-model.config.block_size // 2:], device=system.device).repeat(num_samples, 1)
+    generator = torch.Generator(device=system.device).manual_seed(seed + system.rank)
     model.eval()
     # Under FSDP the blocks are compiled in place: a cache one position longer at each token would recompile them.
     with system.autocast, torch.compiler.set_stance("force_eager"):
-        tokens = torch.stack(list(generate(model, idx, cfg.sample_length, top_k=50, generator=generator)), dim=1)
+        tokens = torch.stack(list(model.generate(idx, sample_length, top_k=50, generator=generator)), dim=1)
     model.train()
     return [enc.decode(row) for row in torch.cat([idx, tokens], dim=1).tolist()]
 
 
-def evaluate(step, model, val_loader, hellaswag_examples, cfg, system, log, stops=None):
+def evaluate(step, model, val_loader, hellaswag_examples, system, log, stops=None):
     """Validation loss, HellaSwag and samples of the plain (uncompiled, unwrapped) model after `step` steps,
     recorded in `log`. Returns the validation loss. A stop signal meanwhile raises Stopped."""
-    val_loss = validation_loss(model, val_loader, math.ceil(cfg.eval_iters / system.world_size), system.autocast,
-                               system.device, stops)
+    val_loss = validation_loss(model, val_loader, math.ceil(eval_iters / system.world_size), system, stops)
     perplexity = math.exp(min(val_loss, 50))
     log.record(step, "val", val_loss, [f"perplexity {perplexity:.2f}"], {"perplexity": perplexity})
     if hellaswag_examples is not None:
         model.eval()
-        stop = stops.poll if stops is not None else None
         with torch.compiler.set_stance("force_eager"):  # FSDP's compiled blocks would recompile at each batch shape
             result = hellaswag_evaluate(model, hellaswag_examples, system.device, system.dtype, rank=system.rank,
-                                        world_size=system.world_size, stop=stop)
+                                        world_size=system.world_size, stop=stops.poll if stops else None)
         model.train()
         if result is None:
             raise Stopped
         acc, acc_norm, count = result
         log.record(step, "hella", acc_norm, [f"acc {acc:.4f} over {count} examples"], {"acc": acc})
     # Rank 0 samples; under FSDP every rank takes part, each forward pass gathering the weights from them all.
-    texts = samples(model, cfg, system) if cfg.num_samples > 0 and (system.master or system.fsdp) else []
+    texts = samples(model, system) if num_samples > 0 and (system.master or system.fsdp) else []
     for i, text in enumerate(texts if system.master else []):
         print(f"sample {i}: {text}")
     log.evaluated(step, texts)
     return val_loss
 
 # -----------------------------------------------------------------------------
-# Checkpoints: everything a run needs to go on, written whole or not at all; loading a model from init_from
+# Main: the settings, the model, then the mode asked for
 
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def save_checkpoint(run, cfg, system, say, val_loss=None):
-    """A checkpoint of everything the run needs to go on exactly where it is; never of non-finite weights.
-    Keeps the newest keep_checkpoints of this run's checkpoints, its best (the lowest validation loss) and
-    its last good one (one whose weights' training loss was below a uniform guess's), whatever the intervals:
-    a run that blows up never pushes out the checkpoint to go back to. Returns whether one was written."""
-    if not all_finite(run.model.parameters(), system.device):
-        say(f"step {run.step}: the model has non-finite weights; no checkpoint written")
-        return False
-    rng = every_rank(rng_state(system.device_type))
-    model_state, optimizer_states = full_state_dicts(run.model, run.optimizers, system.fsdp)  # every rank takes part
-    if not system.master:
-        return True
-    path = os.path.join(cfg.out_dir, f"ckpt_{run.step:07d}.pt")
-    if val_loss is not None and (run.best is None or val_loss <= run.best["val_loss"]):
-        run.best = {"file": os.path.basename(path), "val_loss": val_loss, "max_lr": cfg.max_lr}
-    run.pending = {"file": os.path.basename(path), "max_lr": cfg.max_lr}  # good or not: its next step's loss says
-    state = {"model": model_state, "optimizers": optimizer_states, "scaler": run.scaler.state_dict(),
-             "config": asdict(run.model.config), "settings": vars(cfg), "step": run.step,
-             "loader": run.train_loader.state_dict(), "rng": rng, "val_loss": val_loss,
-             "best_val_loss": run.best_val_loss, "best": run.best, "good": run.good, "lowest_loss": run.lowest_loss,
-             "run_id": run.run_id, "wandb_id": run.wandb_id}
-    atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint whole
-    kept = {os.path.join(cfg.out_dir, good["file"]) for good in (run.best, run.good) if good}
-    run.checkpoints = rotate_checkpoints(sorted(set(run.checkpoints) | {path}), cfg.keep_checkpoints, kept)
-    say(f"saved {path}")
-    return True
+# What this invocation does, as opposed to what the run is: a resumed run takes the rest from its checkpoint.
+MODES = ("init_from", "eval_only", "benchmark", "profile", "export_hf")
+SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "tie_head")
+# The settings that take a number within a range (configurator.check_ranges says the words).
+RANGES = {**dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
+                           "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints"), ">= 1"),
+          **dict.fromkeys(("max_steps", "warmup_steps", "num_samples", "sample_length", "min_lr", "weight_decay",
+                           "grad_clip", "muon_weight_decay", "peak_flops", "embedding_lr",
+                           "muon_momentum_warmup"), ">= 0"),
+          **dict.fromkeys(("max_lr", "muon_lr", "adam_eps"), "> 0"),
+          **dict.fromkeys(("dropout", "beta1", "beta2", "muon_momentum"), "[0, 1)")}
 
 
-def restore_training_state(run, checkpoint, cfg, system, say):
-    """Optimizers, loss scaler, data position, step and random states from a checkpoint of this run."""
-    if "optimizers" not in checkpoint:
-        raise UserError("the newest checkpoint holds a model but no training state to resume; start a new run "
-                        "from its weights with --init_from=PATH_OF_THE_CHECKPOINT")
-    for optimizer, state in zip(run.optimizers, checkpoint["optimizers"], strict=True):
-        peaks = [group["peak_lr"] for group in optimizer.param_groups]  # this run's settings, not the saved ones
-        load_optimizer_state(run.model, optimizer, state, system.fsdp)
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["peak_lr"] = peak
-    run.scaler.load_state_dict(checkpoint["scaler"])
-    run.train_loader.load_state_dict(checkpoint["loader"])
-    run.step, run.best_val_loss, run.best, run.good = map(checkpoint.get, ("step", "best_val_loss", "best", "good"))
-    run.run_id, run.wandb_id = checkpoint.get("run_id", run.run_id), checkpoint.get("wandb_id")
-    run.lowest_loss = checkpoint.get("lowest_loss", float("inf"))
-    rate = checkpoint.get("settings", {}).get("max_lr", cfg.max_lr)  # the rate that made the checkpoint
-    run.pending = {"file": f"ckpt_{run.step:07d}.pt", "max_lr": rate}
-    for good in (run.best, run.good):
-        if good is not None:
-            good.setdefault("max_lr", rate)
-    rng = checkpoint["rng"]
-    if len(rng) == system.world_size:
-        set_rng_state(rng[system.rank])
-    else:
-        say(f"note: the checkpoint was written by {len(rng)} processes, not {system.world_size}: random states "
-            f"start afresh")
+def run_settings():
+    """The run's settings, as the constants now hold them (the names of SETTINGS, and any added since)."""
+    return {name: globals()[name] for name in SETTINGS}
 
 
-def load_checkpoint(path):
-    """A checkpoint dict of this script, loaded safely and mapped from its file (common.load_torch_file)."""
-    checkpoint = load_torch_file(path)
-    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint of this script (no model, config or step in it)")
-    return checkpoint
+def parse_settings(argv):
+    """The settings from the command line and config files: (settings, {name: where its value came from})."""
+    configs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "*.py")))
+    doc = f"{__doc__.strip()}\n\nconfig files: {', '.join('config/' + os.path.basename(path) for path in configs)}"
+    return parse_command_line(argv, SETTINGS, doc, __file__, auto=("batch_size",), config_files=True)
 
 
-def checkpoint_of(init_from, out_dir):
-    """The checkpoint dict that init_from names (resume: the newest in out_dir), or None for scratch, a GPT-2
-    name or a Hugging Face directory."""
-    if init_from == "scratch" or init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "config.json")):
-        return None
-    if init_from == "resume":
-        paths = checkpoint_paths(out_dir)
-        if not paths:
-            raise UserError(f"--init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}; set --out_dir to the "
-                            f"directory of the run, or --init_from to a checkpoint file or a model")
-        init_from = paths[-1]
-    if not init_from.endswith(".pt") and not os.path.isfile(init_from):
-        raise UserError(f"--init_from={init_from} is neither a checkpoint file, a directory with a config.json, "
-                        f"nor one of: scratch, resume, {', '.join(PRETRAINED)}")
-    return load_checkpoint(init_from)
+def settings_for_run(settings, sources, saved):
+    """(settings, lines to print). A new run prints each setting that differs from the constants as written,
+    with where its value came from. A resumed run goes on with the settings saved in its checkpoint, but for
+    MODES (what this invocation does); flags and config files override them, and each change is said."""
+    if saved is None:
+        lines = [f"  {name} = {settings[name]!r}".ljust(44) + f"# {sources[name]}" for name in SETTINGS
+                 if name in sources and settings[name] != SETTINGS[name]]
+        head = f"settings that differ from the top of {os.path.basename(__file__)}:"
+        return settings, [head, *lines] if lines else []
+    saved = {name: value for name, value in saved.items() if name in SETTINGS and name not in MODES}
+    if "optimizer" in sources and settings["optimizer"] != saved["optimizer"]:
+        raise UserError(f"the run used --optimizer={saved['optimizer']} (given {settings['optimizer']}); its "
+                        f"checkpoint holds that optimizer's state: leave out --optimizer to resume")
+    changes = [f"changed: --{name} {saved[name]} -> {settings[name]}" for name in sorted(sources)
+               if name in saved and saved[name] != settings[name] and name not in SHAPE]
+    return {**settings, **saved, **{name: settings[name] for name in sources}}, changes
 
 
-def resumes(init_from, out_dir, checkpoint):
-    """Whether init_from goes on with the run in out_dir: resume, or one of its own checkpoints named as a file
-    (to go back to an earlier step, after the run diverged, say). Any other checkpoint only gives weights."""
-    if init_from == "resume":
-        return True
-    return (checkpoint is not None and "optimizers" in checkpoint and os.path.isdir(out_dir)
-            and os.path.samefile(os.path.dirname(os.path.abspath(init_from)), out_dir))
+def check_settings():
+    """Refuse settings that cannot make a model or a run, with one line that says what to change."""
+    check_ranges(run_settings(), RANGES)
+    if n_embd % n_head:
+        nearest = min((h for h in range(1, n_embd + 1) if n_embd % h == 0), key=lambda h: abs(h - n_head))
+        raise UserError(f"--n_head={n_head} does not divide --n_embd={n_embd}: each head takes "
+                        f"n_embd / n_head channels; try --n_head={nearest}")
+    if optimizer not in ("adamw", "muon"):
+        raise UserError(f"--optimizer takes adamw or muon, not '{optimizer}'")
+    if fsdp and batch_size == "auto":
+        raise UserError("--batch_size=auto does not search under --fsdp (it tries the whole model on one GPU); "
+                        "give --batch_size=N")
+    if profile and not benchmark:
+        raise UserError(f"--profile={profile} profiles the benchmark's steps: add --benchmark, or leave out --profile")
 
 
 def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
@@ -817,181 +1067,110 @@ def load_model(init_from, out_dir="log", dropout=None, checkpoint=None):
     if init_from == "scratch":
         raise UserError("--init_from=scratch has no model to load; give resume, a checkpoint file, "
                         "a GPT-2 name or a Hugging Face directory")
-    checkpoint = checkpoint or checkpoint_of(init_from, out_dir)
+    checkpoint = checkpoint or checkpoints.checkpoint_of(init_from, out_dir)
     if checkpoint is None:
         return GPT.from_pretrained(init_from, dropout=dropout or 0.0), None
-    config = GPTConfig(**checkpoint["config"])
-    if dropout is not None:
-        config.dropout = dropout
-    model = GPT(config)
+    model = GPT(GPTConfig(**{**checkpoint["config"], **({} if dropout is None else {"dropout": dropout})}))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
 
-# -----------------------------------------------------------------------------
-# Main: settings, model, then the mode asked for
 
-# What a run is, as opposed to what this invocation does: a resumed run takes these from its checkpoint.
-MODES = ("init_from", "eval_only", "benchmark", "profile", "export_hf")
-SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "tie_head")
-
-
-def parse_settings(argv):
-    """train_gpt2.py's settings from its command line and config files: (settings, {name: where it came from})."""
-    fast = f"--recipe=fast sets {', '.join(f'{k}={v}' for k, v in FAST.items())}: docs/optimizers.md says why"
-    return parse_command_line(argv, SETTINGS, f"{__doc__.strip()}\n\n{fast}", __file__, auto=("batch_size",),
-                              config_files=True)
-
-
-# The settings that take a number within a range (common.check_ranges says the words): the interface's limits.
-RANGES = {**dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
-                           "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints"), ">= 1"),
-          **dict.fromkeys(("max_steps", "warmup_steps", "num_samples", "sample_length", "min_lr", "weight_decay",
-                           "grad_clip", "muon_weight_decay", "peak_flops", "embedding_lr",
-                           "muon_momentum_warmup"), ">= 0"),
-          **dict.fromkeys(("max_lr", "muon_lr", "adam_eps"), "> 0"), "warmdown": "(0, 1]",
-          **dict.fromkeys(("dropout", "beta1", "beta2", "muon_momentum"), "[0, 1)")}
-
-
-def check_settings(cfg):
-    """Refuse settings that cannot make a model or a run, with one line that says what to change."""
-    check_ranges(vars(cfg), RANGES)
-    if cfg.n_embd % cfg.n_head:
-        nearest = min((h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0), key=lambda h: abs(h - cfg.n_head))
-        raise UserError(f"--n_head={cfg.n_head} does not divide --n_embd={cfg.n_embd}: each head takes "
-                        f"n_embd / n_head channels; try --n_head={nearest}")
-    allowed = {"recipe": ("gpt2", "fast"), "optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd")}
-    for name, choices in allowed.items():
-        if getattr(cfg, name) not in choices:
-            raise UserError(f"--{name} takes {' or '.join(choices)}, not '{getattr(cfg, name)}'")
-    if cfg.fsdp and cfg.batch_size == "auto":
-        raise UserError("--batch_size=auto does not search under --fsdp (it tries the whole model on one GPU); "
-                        "give --batch_size=N")
-    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise UserError(f"--optimizer=muon needs torch 2.9 or newer (this is torch {torch.__version__}): "
-                        f"pip install -U torch, or train with --optimizer=adamw")
-    if cfg.profile and not cfg.benchmark:
-        raise UserError(f"--profile={cfg.profile} profiles the benchmark's steps: add --benchmark, or leave out "
-                        f"--profile")
-
-
-def make_model(cfg, given, checkpoint):
-    """The model the settings ask for: new, or loaded from init_from. A loaded model's shape is its own: the
-    shape settings take its values, and one given on the command line that differs is refused."""
-    if cfg.init_from == "scratch":
-        model = GPT(GPTConfig(**{name: getattr(cfg, name) for name in SHAPE}, dropout=cfg.dropout,
-                              activation_checkpointing=cfg.activation_checkpointing))
-        for module in model.modules() if cfg.zero_init else []:
+def make_model(sources, checkpoint):
+    """The model the settings ask for: new, or loaded from init_from. A loaded model's shape is its own: the shape
+    settings take its values; one that a config file set yields with a line, one given as a flag is refused."""
+    if init_from == "scratch":
+        model = GPT(GPTConfig(**{name: globals()[name] for name in SHAPE}, dropout=dropout,
+                              activation_checkpointing=activation_checkpointing))
+        for module in model.modules() if zero_init else []:
             if getattr(module, "RESIDUAL_SCALE", False):
                 nn.init.zeros_(module.weight)
         return model
-    model, _ = load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout, checkpoint=checkpoint)
+    model, _ = load_model(init_from, out_dir, dropout=dropout, checkpoint=checkpoint)
     for name in SHAPE:
-        own, value = getattr(model.config, name), getattr(cfg, name)
-        if name == "block_size":  # a shorter context than the model's is fine, for fine-tuning say
-            if "block_size" in given and value > own:
-                raise UserError(f"--block_size={value} is longer than the model's context of {own} tokens; "
-                                f"set --block_size={own} or less")
-            cfg.block_size = value if "block_size" in given else min(value, own)
-        elif name in given and value != own:
-            raise UserError(f"the model of --init_from={cfg.init_from} has --{name}={own} (given {value}); "
+        own, value, source = getattr(model.config, name), globals()[name], sources.get(name, "")
+        if value == own or (name == "block_size" and value < own):  # a shorter context is fine, to fine-tune say
+            continue
+        if source.startswith("--"):
+            raise UserError(f"--block_size={value} is longer than the model's context of {own} tokens; set "
+                            f"--block_size={own} or less" if name == "block_size" else
+                            f"the model of --init_from={init_from} has --{name}={own} (given {value}); "
                             f"leave out --{name}: a loaded model keeps its shape")
-        else:
-            setattr(cfg, name, own)
-    check_settings(cfg)
-    model.config.activation_checkpointing = cfg.activation_checkpointing
+        if source:
+            print(f"{name} = {value!r} ({source}) yields to the loaded model's {own!r}")
+        globals()[name] = own
+    check_settings()
+    model.config.activation_checkpointing = activation_checkpointing
     return model
 
 
-def evaluate_only(model, checkpoint, cfg, system):
-    """Evaluate the model once. The records go to {out_dir}/evals.txt: log.txt stays the record of training,
-    where each step appears once."""
-    step = checkpoint["step"] if checkpoint else 0
-    vocab = model.config.vocab_size
-    val_loader = DataLoader(find_data(cfg.data_dir, vocab)[1], cfg.batch_size, cfg.block_size, system.rank,
-                            system.world_size, vocab)
-    hella = load_hellaswag_examples(cfg.hellaswag_data) if cfg.hellaswag else None
-    if system.master:
-        print(f"evaluating --init_from={cfg.init_from} (after {step} steps); the results go to {cfg.out_dir}/evals.txt")
-    evaluate(step, model, val_loader, hella, cfg, system, RunLog(os.path.join(cfg.out_dir, "evals.txt"), system.master))
-
-
-def random_token_steps(model, step_model, ddp_model, cfg, system, batch_size, grad_accum_steps, moves=True):
-    """A function that runs one real training step on one chunk of random tokens, again and again, and returns
-    its loss: the benchmark's step, and the micro-batch search's (moves=False: learning rate 0, so the weights
-    stay). Its optimizers are its own, their state made at the first update, as a run's are."""
-    trial = SimpleNamespace(**{**vars(cfg), "batch_size": batch_size})
-    optimizers = configure_optimizers(model, trial, system.device_type)
-    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
-        group["peak_lr"] *= moves
-    scaler = torch.amp.GradScaler(system.device_type, enabled=system.dtype == torch.float16)
-    vocab = model.config.vocab_size
-    tokens = np.random.default_rng(cfg.seed).integers(0, vocab, batch_size * cfg.block_size + 1, dtype=np.uint16)
-    loader = DataLoader([tokens], batch_size, cfg.block_size, 0, 1, vocab)
-    return lambda: train_step(cfg.warmup_steps, step_model, ddp_model, optimizers, scaler, loader, trial, system,
-                              grad_accum_steps, None)[0]
-
-
-def run_mode(argv):
+def run(argv):
     """Read the settings, make or load the model, and run the mode asked for."""
-    settings, given = parse_settings(argv)
-    checkpoint = checkpoint_of(settings["init_from"], settings["out_dir"])
-    resuming = resumes(settings["init_from"], settings["out_dir"], checkpoint)
-    if settings["recipe"] == "fast" and not resuming:  # a resumed run goes on with the settings it was saved with
-        # A loaded model keeps its shape (an untied head or not); a given setting wins.
-        recipe = {name: value for name, value in FAST.items()
-                  if name not in given and (name not in SHAPE or settings["init_from"] == "scratch")}
-        settings, given = {**settings, **recipe}, {**given, **dict.fromkeys(recipe, "--recipe=fast")}
-    settings, changes = settings_for_run(settings, given, checkpoint["settings"] if resuming else None,
-                                         SETTINGS, os.path.basename(__file__), MODES, SHAPE)
-    cfg = SimpleNamespace(**settings)
-    check_settings(cfg)  # before anything slow; again once a loaded model gives the shape
-    system = setup_system(cfg)
-    training = not (cfg.export_hf or cfg.benchmark or cfg.eval_only)
-    for line in changes if system.master else []:
-        print(line)
-    if cfg.fsdp and (training or cfg.benchmark) and not system.fsdp:
+    settings, sources = parse_settings(argv)
+    checkpoint = checkpoints.checkpoint_of(settings["init_from"], settings["out_dir"])
+    resuming = checkpoints.resumes(settings["init_from"], settings["out_dir"], checkpoint)
+    settings, lines = settings_for_run(settings, sources, checkpoint["settings"] if resuming else None)
+    globals().update(settings)  # from here on, every constant of this file holds the run's value
+    check_settings()  # before anything slow; again once a loaded model gives the shape
+    training = not (export_hf or benchmark or eval_only)
+    system = setup_system(device, dtype, fsdp and training or fsdp and benchmark)
+    owned, succeeded = (None, False), False  # rank 0's (lock, whether it made out_dir) while it trains
+    if training and system.master:
+        owned = checkpoints.claim_out_dir(out_dir, resuming, checkpoint["step"] if resuming else None)
+    elif (eval_only or export_hf) and system.master:  # where they write, before the model is built
+        check_writable_dir(*((export_hf, "export_hf") if export_hf else (out_dir, "out_dir")))
+    for line in lines:
+        system.say(line)
+    if fsdp and (training or benchmark) and not system.fsdp:
         print("--fsdp: one process has nothing to shard, so it runs as a single process; "
               "start it with torchrun --nproc_per_node=N to shard the model across N")
-    owned, succeeded = (None, False), False  # rank 0's (lock, whether it made out_dir) while it trains
-    if training:
-        owned = on_rank_zero(lambda: claim_out_dir(cfg.out_dir, resuming, checkpoint["step"] if resuming else None),
-                             system.master) or owned
-    elif cfg.eval_only or cfg.export_hf:  # where they write, before the model is built
-        directory, setting = (cfg.export_hf, "export_hf") if cfg.export_hf else (cfg.out_dir, "out_dir")
-        on_rank_zero(lambda: check_writable_dir(directory, setting), system.master)
     try:
-        torch.manual_seed(cfg.seed + system.rank)
-        model = make_model(cfg, given, checkpoint)
-        if cfg.export_hf:
+        torch.manual_seed(seed + system.rank)
+        model = make_model(sources, checkpoint)
+        if export_hf:
             from huggingface import save_hf
-            save_hf(model, cfg.export_hf)
-            print(f"wrote {cfg.export_hf}")
-            return
+            save_hf(model, export_hf)
+            return print(f"wrote {export_hf}")
         model.to(system.device)
-        step_model, ddp_model = wrap_for_training(model, cfg, system)
-        if cfg.batch_size == "auto":  # eager (the compiled model needs no more memory), through DDP where it runs
-            def steps_at(batch):
-                return random_token_steps(model, ddp_model or model, ddp_model, cfg, system, batch, 1, moves=False)
-            cfg.batch_size = bench_speed.search_batch_size(steps_at, cfg, system, SETTINGS["batch_size"])
-        grad_accum_steps = grad_accum_steps_for(cfg, system.world_size)  # a bad total_batch_size: before any data
-        if cfg.benchmark:
-            return bench_speed.benchmark(random_token_steps(model, step_model, ddp_model, cfg, system, cfg.batch_size,
-                                                            grad_accum_steps), model, cfg, system)
-        if cfg.eval_only:
-            return evaluate_only(model, checkpoint, cfg, system)
-        train(model, step_model, ddp_model, checkpoint if resuming else None, cfg, system, grad_accum_steps)
+        step_model, ddp_model = wrap_for_training(model, system)
+        if batch_size == "auto":
+            globals()["batch_size"] = search_batch_size(model, ddp_model, system)
+        micro_batch = batch_size * block_size * system.world_size
+        if total_batch_size % micro_batch:  # before any data is read
+            raise UserError(f"total_batch_size {total_batch_size:,} is not a multiple of batch_size x block_size x "
+                            f"processes = {batch_size} x {block_size} x {system.world_size} = {micro_batch:,}; "
+                            f"change one")
+        grad_accum_steps = total_batch_size // micro_batch
+        if benchmark:
+            step = random_token_steps(model, step_model, ddp_model, system, batch_size, grad_accum_steps)
+            return run_benchmark(step, model, system)
+        if eval_only:
+            step = checkpoint["step"] if checkpoint else 0
+            val_loader = DataLoader(find_data(data_dir, vocab_size)[1], batch_size, block_size, system.rank,
+                                    system.world_size, vocab_size)
+            system.say(f"evaluating --init_from={init_from} (after {step} steps); the results go to "
+                       f"{out_dir}/evals.txt")
+            # evals.txt, not log.txt: that stays the record of training, where each step appears once.
+            return evaluate(step, model, val_loader, load_hellaswag_examples(hellaswag_data) if hellaswag else None,
+                            system, RunLog(os.path.join(out_dir, "evals.txt"), system.master))
+        train(model, step_model, ddp_model, checkpoint if resuming else None, system, grad_accum_steps)
         succeeded = True
     except torch.OutOfMemoryError:
-        raise UserError(bench_speed.out_of_memory_advice(cfg.batch_size, cfg.block_size, cfg.total_batch_size,
-                                                         system.world_size, system.device)) from None
+        if batch_size == "auto":  # out of memory before the search: the model alone does not fit
+            raise UserError(f"out of memory on {system.device} before any micro-batch was tried; try "
+                            f"--activation_checkpointing or a smaller model") from None
+        smaller = [b for b in micro_batches(system.world_size) if b < batch_size]
+        hint = f"try --batch_size={smaller[0]} or --batch_size=auto" if smaller else \
+            "try --activation_checkpointing, a shorter --block_size or a smaller model"
+        raise UserError(f"out of memory on {system.device} with micro-batch {batch_size} x {block_size} tokens; "
+                        f"{hint} (gradient accumulation keeps total_batch_size={total_batch_size:,})") from None
     finally:
         if training and system.master:
-            release_out_dir(cfg.out_dir, *owned, succeeded)
+            checkpoints.release_out_dir(out_dir, *owned, succeeded)
 
 
 def main(argv=None):
     # Until the training loop takes the stop signals over, SIGTERM ends the run as Ctrl-C does.
-    run_main(run_mode, sys.argv[1:] if argv is None else argv, sigterm_exits=True)
+    run_main(run, sys.argv[1:] if argv is None else argv, sigterm_exits=True)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script, this file's own folder bench/ is on the path, not the repository root
     sys.path.insert(0, ROOT)
 
-from common import UserError, parse_command_line, run_main, settings_of
-from bench.speed import PEAK_FLOPS
-from train_gpt2 import GPT, GPTConfig, SETTINGS as TRAIN_SETTINGS
+from common import UserError, run_main
+from configurator import parse_command_line, settings_of
+from checkpoints import FORMAT
+from train_gpt2 import GPT, PEAK_FLOPS, GPTConfig, SETTINGS as TRAIN_SETTINGS
 
 # -----------------------------------------------------------------------------
 # Settings (python bench/gpu.py --help)
@@ -429,7 +430,7 @@ def random_checkpoint(bench):
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=bench.plan.hellaswag_block_size, vocab_size=50257, n_layer=n_layer,
                               n_head=n_head, n_embd=n_embd))
-        torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 0}, path)
+        torch.save({"format": FORMAT, "model": model.state_dict(), "config": asdict(model.config), "step": 0}, path)
     return path
 
 

@@ -1,5 +1,5 @@
 """
-Time to quality: the gpt2 recipe (AdamW, cosine) at the best of a sweep of peak rates, against --recipe=fast, on
+Time to quality: the gpt2 recipe (AdamW, cosine) at the best of a sweep of peak rates, against config/fast.py, on
 the same model, data and tokens.
 
     python bench/optimizers.py                                  # 2 sizes x 2 seeds x (4 rates + 2 fast): 24 runs
@@ -8,7 +8,7 @@ the same model, data and tokens.
     python bench/optimizers.py --fast_flags="--zero_init=False"  # the fast recipe less one lever, to measure it
 
 Each run is `python train_gpt2.py` in a subprocess with its own --out_dir; the two recipes differ by nothing but
---recipe (and the gpt2 recipe's rate). The default data is Python's own documentation, which every Python carries
+config/fast.py (and the gpt2 recipe's rate). The default data is Python's own documentation, which every Python carries
 offline: the reference manual's topics (pydoc_data) and the docstrings of the standard library, about 500,000
 GPT-2 tokens of English technical prose with code in it, written once into a .txt file (the first 90% trains, the
 last 10% validates). The script prints every validation curve, then for each size and seed the fraction of the
@@ -39,7 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script, this file's own folder bench/ is on the path, not the repository root
     sys.path.insert(0, ROOT)
 
-from common import UserError, atomic_write, parse_command_line, run_main, settings_of  # noqa: E402
+from common import UserError, atomic_write, run_main  # noqa: E402
+from configurator import parse_command_line, settings_of  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings (python bench/optimizers.py --help). Lists take several values or one with commas: --seeds 1 2, --seeds=1,2
@@ -50,7 +51,7 @@ steps = 200                      # optimizer steps of 256 tokens per run
 eval_interval = 25               # steps between evaluations: how fine the curves are
 lrs = ["5e-4", "1e-3", "2e-3", "4e-3"]  # the gpt2 recipe's peak rates to sweep (cosine to a tenth of each)
 short = 0.4                      # also a fast run of this fraction of the steps, its schedule fitted to them; 0: none
-fast_flags = ""                  # more train_gpt2.py flags for the fast runs, e.g. "--schedule=wsd --min_lr=0"
+fast_flags = ""                  # more train_gpt2.py flags for the fast runs, e.g. "--zero_init=False"
 data = "pydocs"                  # pydocs (Python's documentation), or a .txt file, or a directory of token shards
 threads = 1                      # threads per run (OMP_NUM_THREADS)
 jobs = 2                         # runs at a time
@@ -119,7 +120,7 @@ def run_command(args, recipe, size, seed, steps, data, out_dir):
                f"--max_steps={steps}", f"--warmup_steps={max(1, round(steps * WARMUP_FRACTION))}",
                f"--eval_interval={args.eval_interval}", f"--checkpoint_interval={steps}", *RUN_SETTINGS]
     if recipe == "fast":
-        command += ["--recipe=fast", *shlex.split(args.fast_flags)]
+        command = [*command[:2], "config/fast.py", *command[2:], *shlex.split(args.fast_flags)]
     else:
         command += [f"--max_lr={recipe:g}", f"--min_lr={recipe * MIN_LR_FRACTION:g}"]
     return command + ([f"--device={args.device}"] if args.device else [])

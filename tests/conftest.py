@@ -82,6 +82,38 @@ def the_users_log_is_left_alone():
     assert tree_state(os.path.join(ROOT, "log")) == before, "a test wrote into the repository's log/"
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, size="1m", read_only=False, full=False): a real tmpfs of that size under tmp_path, read-only or
+    filled to the last byte, unmounted after the test. CI runs as root; where mounting is refused, the test is
+    skipped and says why."""
+    mounted = []
+
+    def mount(name, size="1m", read_only=False, full=False):
+        path = tmp_path / name
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            pytest.skip(f"a real fault needs a tmpfs, and mounting one was refused: {result.stderr.strip()}")
+        mounted.append(path)
+        if full:
+            fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT)
+            for block in (4096, 1):  # unbuffered, in pages and then byte by byte, to the last free byte
+                try:
+                    while True:
+                        os.write(fd, b"x" * block)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+            os.close(fd)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        return path
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 class FullDisk:
     """A file as on a full disk: a write keeps its first 100 bytes, then fails; so does a flush."""
 

@@ -26,7 +26,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
     path = tmp_path_factory.mktemp("model") / "ckpt_0000000.pt"
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, path)
+    torch.save({"format": 2, "model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, path)
     return str(path)
 
 

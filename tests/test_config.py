@@ -13,7 +13,8 @@ from conftest import ROOT, TINY, read_log
 from train_gpt2 import GPT, GPTConfig, parse_settings
 
 # The files a copy of the repository needs to train (the tests edit the copy's train_gpt2.py, never the real one).
-SOURCES = ["train_gpt2.py", "common.py", "fsdp.py", "huggingface.py", "hellaswag.py", "plot.py", "sample.py", "bench/speed.py"]
+SOURCES = ["train_gpt2.py", "common.py", "configurator.py", "checkpoints.py", "fsdp.py", "huggingface.py", "hellaswag.py",
+           "plot.py", "sample.py"]
 
 
 @pytest.fixture
@@ -24,6 +25,15 @@ def copy(tmp_path):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     (tmp_path / "config").mkdir()
     return tmp_path
+
+
+def insert_after(copy, anchor, line):
+    """Add a line of code to the copy's train_gpt2.py after the first line that holds anchor, indented alike."""
+    path = copy / "train_gpt2.py"
+    lines = path.read_text().split("\n")
+    i = next(i for i, text in enumerate(lines) if anchor in text)
+    lines.insert(i + 1, " " * (len(lines[i]) - len(lines[i].lstrip())) + line)
+    path.write_text("\n".join(lines))
 
 
 def edit_top(copy, name, value):
@@ -113,3 +123,29 @@ def test_a_number_setting_takes_a_whole_number_from_a_config_file_and_a_float_ta
     settings, sources = parse_settings([str(path)])
     assert settings["max_lr"] == 1.0 and isinstance(settings["max_lr"], float)
     assert settings["batch_size"] == "auto" and settings["shuffle"] is False and sources["shuffle"] == str(path)
+
+
+def test_a_constant_added_at_the_top_takes_its_flag_and_its_config_file_everywhere(copy, shard_dir):
+    """The nanoGPT habit: add a constant at the top, read it in the model, set it from the command line. The model
+    sees the value that the run prints, not the one written at the top."""
+    insert_after(copy, "dropout = 0.0", "mlp_probe = 1.0                 # a setting of the user's own")
+    insert_after(copy, "self.c_fc = nn.Linear(", 'print(f"the MLP sees mlp_probe={mlp_probe}")')
+    (copy / "config" / "mine.py").write_text("mlp_probe = 0.25\n")
+    for args, value, source in ((["--mlp_probe=0.5"], 0.5, "--mlp_probe"), (["config/mine.py"], 0.25, "config/mine.py"),
+                                (["config/mine.py", "--mlp_probe=0.75"], 0.75, "--mlp_probe")):
+        out = f"log/{source.strip('-').replace('/', '_')}_{value}"
+        result = train(copy, *args, f"--data_dir={shard_dir}", f"--out_dir={out}", "--max_steps=1", "--n_layer=1")
+        assert result.returncode == 0, result.stderr
+        assert re.search(rf"^  mlp_probe = {value} +# {source}$", result.stdout, flags=re.M)
+        assert result.stdout.count(f"the MLP sees mlp_probe={value}") == 1 and "mlp_probe=1.0" not in result.stdout
+    help_text = train(copy, "--help").stdout
+    assert "--mlp_probe=1.0" in help_text and "a setting of the user's own" in help_text
+
+
+def test_a_gradient_print_added_in_the_loop_sees_numbers(copy, shard_dir):
+    """The first thing people add to a training loop: a look at the gradients before the optimizer steps."""
+    insert_after(copy, "norm = clip_gradients(", 'print(f"grad of wpe: {model.transformer.wpe.weight.grad.norm().item():.6f}")')
+    result = train(copy, f"--data_dir={shard_dir}", "--out_dir=log/a", "--max_steps=3", "--n_layer=1")
+    assert result.returncode == 0, result.stderr
+    norms = [float(n) for n in re.findall(r"^grad of wpe: ([0-9.]+)$", result.stdout, flags=re.M)]
+    assert len(norms) == 3 and all(n > 0 for n in norms)

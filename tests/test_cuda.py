@@ -25,7 +25,7 @@ import torch
 
 import hellaswag
 from conftest import ROOT, TINY, read_log, run_script
-from train_gpt2 import GPT, GPTConfig, generate
+from train_gpt2 import GPT, GPTConfig
 
 DEVICE = os.environ.get("CUDA_TESTS_DEVICE", "cuda")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -284,7 +284,7 @@ def test_hellaswag_counts_equal_on_cuda_and_cpu(tmp_path, monkeypatch):
         # A larger output head gives the random model strong opinions: the endings' losses then differ by
         # ~0.5, not ~0.05, so that float32's ~1e-6 of difference between the devices never flips a choice.
         model.lm_head.weight.mul_(10)
-    torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 0}, tmp_path / "random.pt")
+    torch.save({"format": 2, "model": model.state_dict(), "config": asdict(model.config), "step": 0}, tmp_path / "random.pt")
     last_lines = {}
     for device in (DEVICE, "cpu"):
         result = run_script("hellaswag.py", "--model", tmp_path / "random.pt", "--data", tmp_path / "invented.jsonl",
@@ -322,7 +322,7 @@ def test_cached_and_uncached_greedy_generation_agree(exact_float32):
         model.lm_head.weight.mul_(10)  # decisive argmaxes: no near-tie for float32's last bits to flip
     idx = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     # 60 new tokens on a context of 32: the context slides twice, and the cache starts over each time.
-    cached = torch.stack(list(generate(model, idx, 60, temperature=0, use_cache=True)), dim=1)
-    uncached = torch.stack(list(generate(model, idx, 60, temperature=0, use_cache=False)), dim=1)
+    cached = torch.stack(list(model.generate(idx, 60, temperature=0, use_cache=True)), dim=1)
+    uncached = torch.stack(list(model.generate(idx, 60, temperature=0, use_cache=False)), dim=1)
     assert cached.shape == (3, 60) and cached.device.type == torch.device(DEVICE).type
     assert torch.equal(cached, uncached)

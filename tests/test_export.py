@@ -14,7 +14,7 @@ import train_gpt2  # noqa: E402
 from conftest import run_script  # noqa: E402
 from huggingface import hf_state_dict, save_hf  # noqa: E402
 from common import gpt2_bpe_files  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UserError, generate, get_tokenizer  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer  # noqa: E402
 
 TEXTS = ["Hello, I'm a language model,", " naïve café 東京 🤗\n\n  tabs\tand  spaces", "x<|endoftext|>y", "'s 're 123456"]
 
@@ -103,7 +103,7 @@ def test_pipeline_generates_our_greedy_tokens(model, exported):
     prompt = "Hello, I'm a language model,"
     text = generator(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
     idx = torch.tensor([get_tokenizer().encode(prompt)])
-    tokens = torch.cat(list(generate(model, idx, 8, temperature=0))).tolist()
+    tokens = torch.cat(list(model.generate(idx, 8, temperature=0))).tolist()
     assert text == get_tokenizer().decode(tokens)
 
 
@@ -116,7 +116,7 @@ def test_exporting_onto_a_file_is_refused(model, tmp_path):
 @pytest.mark.skipif(not hasattr(train_gpt2, "main"), reason="train_gpt2.py has no main() yet")
 def test_train_gpt2_exports_a_checkpoint(model, tmp_path):
     checkpoint = tmp_path / "ckpt_0000000.pt"
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, checkpoint)
+    torch.save({"format": 2, "model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, checkpoint)
     result = run_script("train_gpt2.py", f"--init_from={checkpoint}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu")
     assert result.returncode == 0, result.stderr
     loaded = GPT.from_pretrained(str(tmp_path / "hf"))

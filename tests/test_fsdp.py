@@ -59,8 +59,8 @@ def runs(request, tmp_path_factory):
     (base / "shards").mkdir()
     for name, size in (("tiny_val_000000.bin", 4000), ("tiny_train_000001.bin", 6000), ("tiny_train_000002.bin", 6000)):
         write_bin(base / "shards" / name, rng.integers(0, 256, size))
-    results = {kind: torchrun(*ARGS, f"--data_dir={base / 'shards'}", f"--out_dir={base / kind}",
-                              f"--recipe={request.param}", *flags)
+    recipe = [os.path.join(ROOT, "config", "fast.py")] if request.param == "fast" else []
+    results = {kind: torchrun(*recipe, *ARGS, f"--data_dir={base / 'shards'}", f"--out_dir={base / kind}", *flags)
                for kind, flags in (("ddp", []), ("fsdp", ["--fsdp"]))}
     for kind, result in results.items():
         assert result.returncode == 0, f"{kind}: {result.stderr[-3000:]}"
@@ -87,7 +87,7 @@ def test_each_fsdp_process_holds_about_half_of_a_ddp_process(runs):
     parameters = int(re.search(r"([0-9,]+) parameters", runs["ddp"][1]).group(1).replace(",", ""))
     assert ddp[0] == pytest.approx(4 * parameters, rel=1e-2)  # float32 weights, printed to 3 figures
     assert ddp[1] == ddp[0]  # float32 gradients
-    if "recipe = 'fast'" not in runs["ddp"][1]:
+    if "optimizer = 'muon'" not in runs["ddp"][1]:
         assert ddp[2] == pytest.approx(2 * ddp[0], rel=1e-2)  # two AdamW moments
     else:  # one Muon momentum for each of the blocks' matrices
         assert ddp[0] < ddp[2] < 2 * ddp[0]
@@ -100,13 +100,13 @@ def test_fsdp_checkpoint_is_the_format_of_one_process(runs):
     sharded = torch.load(os.path.join(runs["fsdp"][0], "ckpt_0000020.pt"), weights_only=True)
     assert list(sharded["model"]) == list(one["model"])
     # The two reduce the gradients in different orders, and the last bits differ. With the gpt2 recipe every weight
-    # agrees to 1e-5. The fast recipe's losses agree to 1e-5 (the test above), and given equal gradients ShardedMuon
+    # agrees to 1e-5. The fast recipe's losses agree to 1e-5 (the test above), and given equal gradients Muon on shards
     # is exact (test_sharded_muon_steps_exactly_as_muon), but its weights carry the different last bits further:
     # Muon's Newton-Schulz runs in bfloat16, and AdamW, which divides by the gradient's size, turns rounding into
     # steps of the full rate (4e-3) wherever the true gradient is about 0 (the biases behind the zero-initialized
     # projections, the keys' biases). So for it: the whole model to 2e-3 of its norm (measured: 5e-4), and each
     # tensor to a tenth of its own, which a shard put in the wrong place would not be.
-    fast = one["settings"]["recipe"] == "fast"
+    fast = one["settings"]["optimizer"] == "muon"
     for key, tensor in one["model"].items():
         assert sharded["model"][key].shape == tensor.shape and sharded["model"][key].dtype == tensor.dtype
         if fast:
@@ -176,7 +176,7 @@ def test_an_fsdp_checkpoint_loads_exports_and_samples(runs, tmp_path, capsys):
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     c_fc = "transformer.h.1.mlp.c_fc.weight"
     assert torch.equal(exported[c_fc], checkpoint["model"][c_fc].t())
-    token = next(train_gpt2.generate(model.eval(), torch.tensor([[0]]), 1, temperature=0))
+    token = next(model.eval().generate(torch.tensor([[0]]), 1, temperature=0))
     assert token.shape == (1,)
     from transformers import GPT2LMHeadModel  # the export is GPT-2 to transformers, whichever the recipe, and ours
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
@@ -192,15 +192,16 @@ import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import distribute_tensor
 sys.path.insert(0, sys.argv[1])
-from fsdp import ShardedMuon
+from train_gpt2 import Muon
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)  # the same weights and gradients on both processes
 model = torch.nn.Sequential(torch.nn.Linear(6, 7, bias=False), torch.nn.Linear(7, 5, bias=False))  # 7, 5 rows: uneven
 plain_model = copy.deepcopy(model)
 fully_shard(model)
-options = dict(lr=0.02, momentum=0.9, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-sharded, plain = ShardedMuon(model.parameters(), **options), torch.optim.Muon(plain_model.parameters(), **options)
+options = dict(lr=0.02, momentum=0.9, weight_decay=0.1)
+sharded = Muon(model.parameters(), **options)
+plain = torch.optim.Muon(plain_model.parameters(), **options, adjust_lr_fn="match_rms_adamw")
 for step in range(3):
     for p, q in zip(model.parameters(), plain_model.parameters()):
         q.grad = torch.randn_like(q)

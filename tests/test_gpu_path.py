@@ -1,26 +1,31 @@
 """What a reading of the CUDA path found, checked where a CPU reaches it: MFU per device under several
-processes, a torch without Muon, --batch_size=auto and out-of-memory errors, checkpoints mapped rather than read."""
+processes, --batch_size=auto and out-of-memory errors, checkpoints mapped rather than read."""
 import os
 import re
+import signal
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import TINY, run_script
-import bench.speed as bench_speed
+import checkpoints
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig
 
 
-def test_mfu_is_per_device_and_tokens_per_second_for_the_job_and_per_process():
-    # GPT-2 124M's 524,288 tokens a step in 0.1 s on 8 GPUs: 5.2M tok/s for the job, 655k per GPU.
-    flops_per_token, peak = 6 * 124e6, 989e12
-    job, per_process, mfu = bench_speed.speed(524288, 0.1, 8, flops_per_token, peak)
-    assert job == pytest.approx(5_242_880) and per_process == pytest.approx(655_360)
-    assert mfu == pytest.approx(100 * flops_per_token * 655_360 / peak)  # ~49%, not 8 x that
-    assert bench_speed.speed(524288, 0.1, 1, flops_per_token, peak)[2] == pytest.approx(8 * mfu)
-    assert bench_speed.speed(524288, 0.1, 8, flops_per_token, None)[2] is None
+def test_mfu_is_per_device(monkeypatch):
+    # GPT-2 124M's 524,288 tokens a step in 0.1 s on 8 H100s: 655k tokens/s per GPU, ~49% MFU, not 8 x that.
+    model = GPT(GPTConfig())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    system = SimpleNamespace(device="cuda:0", device_type="cuda", world_size=8)
+    mfu = train_gpt2.estimate_mfu(model, 5_242_880, system)
+    assert mfu == pytest.approx(100 * model.flops_per_token() * 655_360 / 989e12)
+    assert train_gpt2.estimate_mfu(model, 5_242_880, SimpleNamespace(**{**vars(system), "world_size": 1})) == \
+        pytest.approx(8 * mfu)
+    assert train_gpt2.estimate_mfu(model, 5_242_880, SimpleNamespace(device="cpu", device_type="cpu", world_size=8)) \
+        is None
 
 
 def test_peak_flops_setting_gives_an_mfu_on_any_device(tmp_path):
@@ -35,26 +40,15 @@ def test_peak_flops_setting_gives_an_mfu_on_any_device(tmp_path):
     assert float(mfu) == pytest.approx(100 * flops_per_token * 256 / (float(ms) / 1000) / 1e9, rel=0.02, abs=0.06)
 
 
-def test_without_torch_optim_muon_adamw_trains_and_muon_is_one_line(shard_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.delattr(torch.optim, "Muon")  # as on torch 2.8 and older
-    train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'a'}", "--max_steps=2"])
-    assert "ckpt_0000002.pt" in os.listdir(tmp_path / "a")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit:
-        train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'b'}", "--optimizer=muon"])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.count("\n") == 1
-    assert f"--optimizer=muon needs torch 2.9 or newer (this is torch {torch.__version__})" in err
-
-
-def test_the_micro_batches_that_keep_the_total_are_the_powers_of_two_that_divide_it():
-    cfg = type("Cfg", (), dict(total_batch_size=524288, block_size=1024))
-    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 1) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
-    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 8) == [64, 32, 16, 8, 4, 2, 1]
-    cfg.total_batch_size = 3 * 1024 * 4  # 12 sequences: 4, 2 and 1 divide it; 8 does not
-    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 1) == [4, 2, 1]
-    cfg.total_batch_size = 1000  # not whole sequences
-    assert bench_speed.micro_batches(cfg.total_batch_size, cfg.block_size, 1) == []
+def test_the_micro_batches_that_keep_the_total_are_the_powers_of_two_that_divide_it(monkeypatch):
+    monkeypatch.setattr(train_gpt2, "block_size", 1024)
+    monkeypatch.setattr(train_gpt2, "total_batch_size", 524288)
+    assert train_gpt2.micro_batches(1) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert train_gpt2.micro_batches(8) == [64, 32, 16, 8, 4, 2, 1]
+    monkeypatch.setattr(train_gpt2, "total_batch_size", 3 * 1024 * 4)  # 12 sequences: 4, 2 and 1 divide it; 8 not
+    assert train_gpt2.micro_batches(1) == [4, 2, 1]
+    monkeypatch.setattr(train_gpt2, "total_batch_size", 1000)  # not whole sequences
+    assert train_gpt2.micro_batches(1) == []
 
 
 def test_batch_size_auto_on_a_cpu_takes_the_configured_default(shard_dir, tmp_path):
@@ -79,7 +73,7 @@ def test_out_of_memory_in_a_run_is_one_line_with_a_micro_batch_that_fits_the_tot
                                                                                     monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.15 GiB")
-    monkeypatch.setattr(train_gpt2, "train_step", out_of_memory)
+    monkeypatch.setattr(train_gpt2.GPT, "forward", out_of_memory)
     with pytest.raises(SystemExit) as exit:
         train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path}", "--batch_size=4",
                          "--total_batch_size=512"])
@@ -92,8 +86,8 @@ def test_out_of_memory_in_a_run_is_one_line_with_a_micro_batch_that_fits_the_tot
 def test_a_checkpoint_is_mapped_from_its_file_not_read_whole(tmp_path):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256))
     path = tmp_path / "ckpt_0000001.pt"
-    torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 1}, path)
-    checkpoint = train_gpt2.load_checkpoint(str(path))
+    torch.save({"format": 2, "model": model.state_dict(), "config": asdict(model.config), "step": 1}, path)
+    checkpoint = checkpoints.load_checkpoint(str(path))
     weight = checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"]
     assert torch.equal(weight, model.transformer.h[0].mlp.c_fc.weight.detach())
     # The file is mapped into this process: its bytes stay in the page cache, which every process shares.
@@ -106,7 +100,9 @@ def test_a_checkpoint_is_mapped_from_its_file_not_read_whole(tmp_path):
                                          ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
 def test_the_peak_flops_of_a_gpu_come_from_its_most_specific_name(name, flops, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
-    assert bench_speed.device_peak_flops("cuda:0") == flops
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=256))
+    system = SimpleNamespace(device="cuda:0", device_type="cuda", world_size=1)
+    assert train_gpt2.estimate_mfu(model, 1e9, system) == pytest.approx(100 * model.flops_per_token() * 1e9 / flops)
 
 
 def test_the_logits_come_out_whole_not_as_a_slice_of_the_padded_head():
@@ -120,45 +116,44 @@ def test_the_logits_come_out_whole_not_as_a_slice_of_the_padded_head():
 
 
 def test_under_torchrun_the_stop_flag_is_read_every_few_seconds_not_at_every_micro_step(monkeypatch):
-    from types import SimpleNamespace
-    import common
-    stops = common.StopSignals(SimpleNamespace(world_size=2, device="cpu"))
+    stops = train_gpt2.StopSignals(2, "cpu")
     reads = []
-    monkeypatch.setattr(stops, "now", lambda: reads.append(1) or False)
-    # The processes' mean micro-step took 0.5 s: the flag is read every 10 micro-steps (5 s), the first never.
-    monkeypatch.setattr(common.torch.distributed if hasattr(common, "torch") else torch.distributed, "all_reduce",
-                        lambda tensor, op=None: tensor.mul_(2))
-    loss, stop = stops.step_end(torch.tensor(3.0), 0.5)
-    assert (loss, stop, stops.every) == (3.0, False, 10)
+    # Two processes whose mean micro-step took 0.5 s: the flag is read every 10 micro-steps (5 s), the first never.
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op=None: reads.append(1) or tensor.mul_(2))
+    stop, loss = stops.read(torch.tensor(3.0), 0.5)
+    assert (stop, loss, stops.every) == (False, 3.0, 10)
+    reads.clear()
     assert not any(stops.poll(i) for i in range(40)) and len(reads) == 3  # at 10, 20 and 30
-    one = common.StopSignals(SimpleNamespace(world_size=1, device="cpu"))
-    assert not one.poll(0) and not one.poll(1)  # one process: a look at a Python list, every micro-step
+    one = train_gpt2.StopSignals(1, "cpu")
+    assert not one.poll(0) and not one.poll(1)  # one process: a look at a Python flag, every micro-step
+    one.request(signal.SIGTERM, None)
+    assert not one.poll(0) and one.poll(1) and one.read()[0]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def test_the_process_group_waits_an_hour_for_a_checkpoint_not_nccls_ten_minutes(monkeypatch):
-    from types import SimpleNamespace
     calls = []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         monkeypatch.setenv(name, value)
-    train_gpt2.setup_system(SimpleNamespace(device="cpu", dtype="", fsdp=False, eval_only=False, export_hf=""))
+    train_gpt2.setup_system("cpu")
     assert calls[0]["timeout"].total_seconds() == 3600
 
 
 def test_each_micro_batch_try_starts_from_fresh_optimizer_state(monkeypatch):
     """A try that ran out of memory inside the optimizer's step leaves half-made state: the next try must not see it."""
-    from types import SimpleNamespace
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=256))
-    cfg = SimpleNamespace(**{**train_gpt2.SETTINGS, "block_size": 16, "total_batch_size": 64, "compile": False})
-    system = train_gpt2.setup_system(SimpleNamespace(device="cpu", dtype="float32", fsdp=False, eval_only=False,
-                                                     export_hf=""))
+    monkeypatch.setattr(train_gpt2, "block_size", 16)
+    monkeypatch.setattr(train_gpt2, "total_batch_size", 64)
+    system = train_gpt2.setup_system("cpu", "float32")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     made = []
     real = train_gpt2.configure_optimizers
     monkeypatch.setattr(train_gpt2, "configure_optimizers", lambda *args: made.append(real(*args)) or made[-1])
     for batch in (4, 2):
-        step = train_gpt2.random_token_steps(model, model, None, cfg, system, batch, 1, moves=False)
+        step = train_gpt2.random_token_steps(model, model, None, system, batch, 1, moves=False)
         step(), step()
     assert len(made) == 2 and made[0] is not made[1]
     assert all(len(o.state) > 0 for o in made[1])  # AdamW's moments made by the first step, held by the second

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: these tests never need the hub
 
+import common  # noqa: E402
 import hellaswag  # noqa: E402
 from common import UserError  # noqa: E402
 from conftest import ROOT, run_script  # noqa: E402
@@ -183,7 +184,7 @@ def test_padding_changes_no_score(model):
 
 def test_a_batch_goes_to_the_device_as_views_of_one_buffer():
     contexts, inputs, lengths = [[5, 6, 7], [8, 9, 10]], np.arange(12).reshape(4, 3), [3, 1, 2, 3]
-    on_device = hellaswag.to_device([contexts, inputs, lengths], "cpu")
+    on_device = common.to_device([contexts, inputs, lengths], "cpu")
     assert [t.tolist() for t in on_device] == [contexts, inputs.tolist(), lengths]
     assert all(t.dtype == torch.int64 for t in on_device)
     # One buffer, so one copy on CUDA (tests/test_cuda.py counts the copies there).
@@ -221,7 +222,7 @@ def test_command_line_prints_the_counts_last(capsys, model_dir, data_file, recor
 
 def test_limit_and_a_checkpoint_of_ours(capsys, tmp_path, model, data_file, examples):
     path = str(tmp_path / "ckpt_0000000.pt")
-    torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 0}, path)
+    torch.save({"format": 2, "model": model.state_dict(), "config": asdict(model.config), "step": 0}, path)
     status, out, err = run_main(capsys, "--model", path, "--data", data_file, "--device", "cpu", "--limit", "10")
     assert status == 0, err
     acc, acc_norm, _ = hellaswag.evaluate(model, examples[:10], "cpu", torch.float32)

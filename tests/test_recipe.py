@@ -1,43 +1,41 @@
-"""--recipe=fast: the recipe's values in place of the constants', a given setting winning over them, and each lever
-it pulls (the stable-then-decay schedule, the AdamW groups' own rates, the untied head, the zero-initialized
-projections, Muon's momentum warm-up) doing what it says."""
+"""config/fast.py, the fast recipe, as a config file: its values in place of the constants', a config file after it
+or a flag winning over them, a loaded model keeping its shape, and each lever it pulls (the AdamW groups' own rates,
+the untied head, the zero-initialized projections) doing what it says."""
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train_gpt2
-from conftest import TINY
-from train_gpt2 import FAST, SETTINGS, configure_optimizers, get_lr, make_model
+from configurator import read_config_file
+from conftest import ROOT, TINY
+from train_gpt2 import SETTINGS, configure_optimizers, make_model
+
+FAST = read_config_file(os.path.join(ROOT, "config", "fast.py"), SETTINGS)
 
 
-def test_the_stable_then_decay_schedule():
-    args = dict(warmup_steps=10, max_steps=100, max_lr=1e-2, min_lr=0.0, warmdown=0.4)
-    assert get_lr(0, **args) == pytest.approx(1e-3) and get_lr(9, **args) == pytest.approx(1e-2)
-    assert get_lr(10, **args) == get_lr(60, **args) == pytest.approx(1e-2)  # stable until the last 40 steps
-    assert get_lr(80, **args) == pytest.approx(5e-3) and get_lr(99, **args) == pytest.approx(2.5e-4)
-    assert get_lr(100, **args) == 0.0  # straight to zero
-    assert get_lr(55, **{**args, "warmdown": 1.0}) == pytest.approx(4.5e-3)  # warmdown 1: a line from step 0
+@pytest.fixture
+def fast_settings(monkeypatch):
+    """The constants of train_gpt2 as config/fast.py and a tiny model set them, put back after the test."""
+    def apply(**settings):
+        for name, value in {**FAST, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 256,
+                            **settings}.items():
+            monkeypatch.setattr(train_gpt2, name, value)
+        return make_model({}, None)
+    return apply
 
 
-def fast_model(**settings):
-    cfg = SimpleNamespace(**{**SETTINGS, **FAST, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
-                             "vocab_size": 256, **settings})
-    return make_model(cfg, {}, None), cfg
-
-
-def test_fast_model_and_optimizers():
+def test_fast_model_and_optimizers(fast_settings):
     torch.manual_seed(0)
-    model, cfg = fast_model()
+    tied = fast_settings(tie_head=True)  # the same matmuls: an untied embedding is a lookup, not FLOPs for MFU
+    model = fast_settings()
     assert model.lm_head.weight is not model.transformer.wte.weight  # a head of its own
-    tied, _ = fast_model(tie_head=True)  # the same matmuls: an untied embedding is a lookup, not FLOPs for MFU
     assert model.num_params() > tied.num_params() and model.flops_per_token() == tied.flops_per_token()
     for block in model.transformer.h:  # each block starts as the identity on the residual stream
         assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
         assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    muon, adamw = configure_optimizers(model, cfg, "cpu")
+    muon, adamw = configure_optimizers(model, "cpu")
     groups = {tuple(map(id, group["params"])): group for group in adamw.param_groups}
     embeddings = groups[id(model.transformer.wte.weight), id(model.transformer.wpe.weight)]
     head = groups[(id(model.lm_head.weight),)]  # the only matrix that Muon leaves to AdamW
@@ -48,39 +46,30 @@ def test_fast_model_and_optimizers():
     assert len(muon.param_groups[0]["params"]) == 4 * 2  # the blocks' four matrices
 
 
-def test_a_setting_given_wins_over_the_recipe(shard_dir, tmp_path, capsys):
-    (tmp_path / "my.py").write_text("embedding_lr = 0.01\n")
+def test_a_file_after_the_recipe_and_a_flag_win_over_it(shard_dir, tmp_path, capsys):
+    (tmp_path / "my.py").write_text("embedding_lr = 0.01\nmax_lr = 2e-3\n")
     out = tmp_path / "out"
-    train_gpt2.main([str(tmp_path / "my.py"), *TINY, "--recipe=fast", "--schedule=wsd", "--warmdown=0.3",
+    train_gpt2.main([os.path.join(ROOT, "config", "fast.py"), str(tmp_path / "my.py"), *TINY, "--max_lr=3e-3",
                      f"--data_dir={shard_dir}", f"--out_dir={out}", "--max_steps=2", "--eval_interval=2"])
     printed = capsys.readouterr().out
     settings = json.load(open(out / "run.json"))["settings"]
-    assert (settings["warmdown"], settings["embedding_lr"]) == (0.3, 0.01)  # the flag's and the config file's
-    assert all(settings[name] == value for name, value in FAST.items() if name != "embedding_lr")
-    assert "  optimizer = 'muon'" in printed and "# --recipe=fast" in printed  # what the recipe set, said
-    assert "  warmdown = 0.3" in printed and "# --warmdown" in printed
+    assert (settings["max_lr"], settings["embedding_lr"]) == (3e-3, 0.01)  # the flag's and the later file's
+    assert all(settings[name] == value for name, value in FAST.items() if name not in ("embedding_lr", "max_lr"))
+    assert "  optimizer = 'muon'" in printed and "config/fast.py" in printed  # what the recipe set, and where from
+    assert "  max_lr = 0.003" in printed and "# --max_lr" in printed
 
 
-def test_a_loaded_model_keeps_its_tied_head(shard_dir, tmp_path):
-    """Fine-tuning a GPT-2 (here a tied checkpoint) with --recipe=fast: the recipe's training, the model's shape."""
+def test_a_loaded_model_keeps_its_tied_head_with_one_line(shard_dir, tmp_path, capsys):
+    """Fine-tuning a GPT-2 (here a tied checkpoint) with config/fast.py: the recipe's training, the model's shape."""
     train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'a'}", "--max_steps=1"])
     checkpoint = tmp_path / "a" / "ckpt_0000001.pt"
-    train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'b'}", "--max_steps=1",
-                     f"--init_from={checkpoint}", "--recipe=fast"])
+    capsys.readouterr()
+    train_gpt2.main([os.path.join(ROOT, "config", "fast.py"), *TINY, f"--data_dir={shard_dir}",
+                     f"--out_dir={tmp_path / 'b'}", "--max_steps=1", f"--init_from={checkpoint}"])
+    assert f"tie_head = False ({os.path.join(ROOT, 'config', 'fast.py')}) yields to the loaded model's True" in \
+        capsys.readouterr().out
     saved = torch.load(tmp_path / "b" / "ckpt_0000001.pt", weights_only=True)
     assert saved["config"]["tie_head"] is True and saved["settings"]["optimizer"] == "muon"
+    assert saved["settings"]["tie_head"] is True  # the settings say what the run did
     # Its embedding is its head: no rate of its own (embedding_lr is for an untied model), AdamW's at max_lr.
     assert [group["peak_lr"] for group in saved["optimizers"][1]["param_groups"]] == [FAST["max_lr"]] * 2
-
-
-@pytest.mark.parametrize("flag, message", [
-    ("--recipe=slow", "error: --recipe takes gpt2 or fast, not 'slow'"),
-    ("--schedule=linear", "error: --schedule takes cosine or wsd, not 'linear'"),
-    ("--warmdown=0", "error: --warmdown=0.0: it takes a number above 0 and at most 1"),
-    ("--embedding_lr=-1", "error: --embedding_lr=-1.0: it takes 0 or more"),
-])
-def test_bad_recipe_settings(shard_dir, tmp_path, capsys, flag, message):
-    with pytest.raises(SystemExit) as exit:
-        train_gpt2.main([*TINY, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'out'}", flag])
-    assert exit.value.code == 2 and capsys.readouterr().err == message + "\n"
-    assert not os.path.exists(tmp_path / "out")

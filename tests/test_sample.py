@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 from conftest import run_script  # noqa: E402
 from sample import main  # noqa: E402
-from sample import choose_token, generate  # noqa: E402
+from train_gpt2 import choose_token  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, load_model  # noqa: E402
 
 
@@ -42,13 +42,13 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("run") / "ckpt_0000000.pt"
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, path)
+    torch.save({"format": 2, "model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, path)
     return str(path)
 
 
 def greedy(model, prompt, n, **kwargs):
     """(B, n) greedy tokens from generate()."""
-    return torch.stack(list(generate(model, prompt, n, temperature=0, **kwargs)), dim=1)
+    return torch.stack(list(model.generate(prompt, n, temperature=0, **kwargs)), dim=1)
 
 
 def prompt_tokens(length, seed=1, batch=1):
@@ -86,11 +86,11 @@ def test_each_new_token_costs_one_position(model):
     fed = []
     hook = model.transformer.wte.register_forward_hook(lambda module, args, out: fed.append(args[0].size(1)))
     try:
-        list(generate(model, prompt_tokens(10), 20, temperature=0))
+        list(model.generate(prompt_tokens(10), 20, temperature=0))
         assert fed == [10] + [1] * 19
         fed.clear()
         block_size = model.config.block_size
-        list(generate(model, prompt_tokens(10), block_size, temperature=0))
+        list(model.generate(prompt_tokens(10), block_size, temperature=0))
         # The context outgrows the block at the 56th token: one prefill of half a block, then one at a time.
         assert fed == [10] + [1] * (block_size - 10) + [block_size // 2] + [1] * 8
     finally:
@@ -148,7 +148,7 @@ def test_temperature_sharpens_and_zero_is_greedy():
 def test_samples_depend_on_the_seed_only(model):
     def sample(seed):
         generator = torch.Generator().manual_seed(seed)
-        return torch.stack(list(generate(model, prompt_tokens(3), 20, top_k=50, top_p=0.9, generator=generator)))
+        return torch.stack(list(model.generate(prompt_tokens(3), 20, top_k=50, top_p=0.9, generator=generator)))
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2))
 
@@ -201,11 +201,11 @@ def refused(args, capsys):
     (["--init_from=missing.pt"], "error: checkpoint missing.pt does not exist\n"),  # not a list of choices
     (["--init_from=gpt3"], "--init_from=gpt3 is neither"),
     (["--init_from=scratch"], "--init_from=scratch would sample from random weights"),
-    (["--top_p=0"], "--top_p takes a number in (0, 1], not 0"),
-    (["--top_p=1.5"], "--top_p takes a number in (0, 1], not 1.5"),
-    (["--temperature=-1"], "--temperature takes a number >= 0, not -1"),
+    (["--top_p=0"], "--top_p=0.0: it takes a number above 0 and at most 1"),
+    (["--top_p=1.5"], "--top_p=1.5: it takes a number above 0 and at most 1"),
+    (["--temperature=-1"], "--temperature=-1.0: it takes 0 or more"),
     (["--temperature=hot"], "--temperature takes a number, not 'hot'"),
-    (["--num_samples=0"], "--num_samples takes a whole number >= 1, not 0"),
+    (["--num_samples=0"], "--num_samples=0: it takes 1 or more"),
     (["--interactive=yes"], "--interactive takes True or False, not 'yes'"),
     (["--device=tpu"], "--device takes cuda, cuda:N, mps or cpu, not 'tpu'"),
     (["--dtype=fp8"], "--dtype=fp8: choose bfloat16, float16 or float32"),
@@ -233,4 +233,4 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
 def test_the_script_prints_no_traceback():
     result = run_script("sample.py", "--top_p=2")
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "error: --top_p takes a number in (0, 1], not 2\n"
+    assert result.stderr == "error: --top_p=2.0: it takes a number above 0 and at most 1\n"

@@ -113,20 +113,6 @@ def test_reset_reads_the_first_batches_again():
         assert first_tokens(data, 5) == start
 
 
-def test_a_checkpoint_from_before_shuffling_resumes_in_file_order():
-    # The old state: the shard in file order and the token offset of the next chunk, where it ended after a read.
-    for shard, position, following in [(0, 0, [0, 16]), (0, 48, [48, 64]), (0, 96, [2000, 2016]),
-                                       (2, 160, [3000, 3016]), (3, 48, [0, 16])]:
-        data = loader()
-        data.load_state_dict({"shard": shard, "position": position})
-        assert first_tokens(data, 2) == following
-        assert set(data.state_dict()) == {"epoch", "shard", "chunk"}
-    data = loader(shuffle=True, seed=3)  # with shuffle on: the same progress into epoch 0's order, then on
-    data.load_state_dict({"shard": 0, "position": 32})
-    assert data.state_dict() == {"epoch": 0, "shard": 0, "chunk": 2}
-    assert first_tokens(data, 40) == first_tokens(loader(shuffle=True, seed=3), 42)[2:]
-
-
 def test_training_shuffles_and_validation_does_not(shard_dir, tmp_path):
     assert parse_settings([])[0]["shuffle"] is True
     logs = {}

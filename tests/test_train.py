@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, TINY, read_log, run_script, write_bin
 import train_gpt2
-from sample import KVCache
+from train_gpt2 import KVCache
 from train_gpt2 import GPT, GPTConfig, DataLoader, get_lr, get_tokenizer, open_shard, parse_settings
 
 
@@ -53,9 +53,10 @@ def test_kv_cache_matches_full_pass():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256)).eval()
     idx = torch.randint(0, 256, (2, 20))
-    cache = KVCache(2)
+    cache = KVCache(2, 32)
     with torch.no_grad():
-        parts = [model(idx[:, :12], cache=cache)[0], model(idx[:, 12:13], cache=cache)[0], model(idx[:, 13:], cache=cache)[0]]
+        parts = [model.logits(model.hidden_states(idx[:, :12], cache)), model.logits(model.hidden_states(idx[:, 12:13], cache)),
+                 model.logits(model.hidden_states(idx[:, 13:], cache))]
         assert torch.allclose(torch.cat(parts, 1), model(idx)[0], atol=1e-5)
 
 
@@ -145,14 +146,15 @@ def test_ranks_read_disjoint_tokens_that_cover_one_process(tmp_path):
     assert torch.equal(single.next_batch()[0], x[0])
 
 
-def test_lr_schedule():
-    args = dict(warmup_steps=10, max_steps=110, max_lr=6e-4, min_lr=6e-5)
-    assert get_lr(0, **args) == pytest.approx(6e-5)
-    assert get_lr(9, **args) == pytest.approx(6e-4)
-    assert get_lr(10, **args) == pytest.approx(6e-4)
-    assert get_lr(60, **args) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
-    assert get_lr(110, **args) == pytest.approx(6e-5) and get_lr(500, **args) == pytest.approx(6e-5)
-    lrs = [get_lr(s, **args) for s in range(10, 111)]
+def test_lr_schedule(monkeypatch):
+    for name, value in dict(warmup_steps=10, max_steps=110, max_lr=6e-4, min_lr=6e-5).items():
+        monkeypatch.setattr(train_gpt2, name, value)  # the constants at the top are the schedule's settings
+    assert get_lr(0) == pytest.approx(6e-5)
+    assert get_lr(9) == pytest.approx(6e-4)
+    assert get_lr(10) == pytest.approx(6e-4)
+    assert get_lr(60) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
+    assert get_lr(110) == pytest.approx(6e-5) and get_lr(500) == pytest.approx(6e-5)
+    lrs = [get_lr(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 # --- training runs -------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def test_sigterm_saves_and_exits_zero(shard_dir, tmp_path):
 
 
 def test_end_to_end_on_input_txt(input_txt, tmp_path):
-    result = run_script("train_gpt2.py", "config/shakespeare.py", "--n_layer=2", "--n_embd=64", "--n_head=2",
+    result = run_script("train_gpt2.py", "config/fast.py", "config/shakespeare.py", "--n_layer=2", "--n_embd=64", "--n_head=2",
                         "--block_size=64", "--batch_size=8", "--total_batch_size=512", "--max_steps=30",
                         "--eval_interval=30", "--warmup_steps=5", f"--out_dir={tmp_path}", "--sample_length=8")
     assert result.returncode == 0, result.stderr
@@ -337,12 +339,25 @@ def test_bad_checkpoints(shard_dir, tmp_path):
     assert open(path, "rb").read() == good[: len(good) // 2]  # nothing overwritten
 
 
+def test_a_checkpoint_of_an_older_format_is_refused_naming_the_commit_that_reads_it(shard_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_script("train_gpt2.py", *TINY, f"--data_dir={shard_dir}", "--max_steps=1", f"--out_dir={out}").returncode == 0
+    checkpoint = torch.load(out / "ckpt_0000001.pt", weights_only=True)
+    del checkpoint["format"]  # as every checkpoint written before the format number was
+    torch.save(checkpoint, out / "ckpt_0000001.pt")
+    for script, args in (("train_gpt2.py", [*TINY, f"--data_dir={shard_dir}", "--init_from=resume", "--max_steps=2"]),
+                         ("sample.py", ["--max_new_tokens=2"])):
+        result = run_script(script, *args, f"--out_dir={out}")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "is a checkpoint of format 1, this train_gpt2.py reads format 2; read it with commit e955871" in result.stderr
+
+
 def test_non_finite_model_stops_and_is_not_saved(shard_dir, tmp_path):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256))
     with torch.no_grad():
         model.transformer.ln_f.weight.fill_(float("nan"))
     from dataclasses import asdict
-    torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 0}, tmp_path / "nan.pt")
+    torch.save({"format": 2, "model": model.state_dict(), "config": asdict(model.config), "step": 0}, tmp_path / "nan.pt")
     result = run_script("train_gpt2.py", *TINY, f"--data_dir={shard_dir}", f"--init_from={tmp_path / 'nan.pt'}",
                         "--max_steps=10", "--checkpoint_interval=1", f"--out_dir={tmp_path / 'out'}")
     assert result.returncode == 2
