@@ -439,13 +439,14 @@ class DataLoader:
 # Schedule and optimizers
 
 
-def get_lr(step):
-    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps."""
+def get_lr(step, end=None):
+    """Linear warmup to max_lr, then a cosine decay to min_lr at max_steps (or at end, if given)."""
+    end = max_steps if end is None else end
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
+    if step >= end:
         return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, end - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
@@ -1110,6 +1111,10 @@ def run(argv):
     resuming = checkpoints.resumes(settings["init_from"], settings["out_dir"], checkpoint)
     settings, lines = settings_for_run(settings, sources, checkpoint["settings"] if resuming else None)
     globals().update(settings)  # from here on, every constant of this file holds the run's value
+    if resuming and max_steps != checkpoint["settings"]["max_steps"]:  # training further stretches the cosine
+        step, before = checkpoint["step"], checkpoint["settings"]["max_steps"]
+        lines.append(f"the cosine now ends at step {max_steps}, not {before}: the rate at step {step} goes from "
+                     f"{get_lr(step, before):.4e} to {get_lr(step):.4e}")
     check_settings()  # before anything slow; again once a loaded model gives the shape
     training = not (export_hf or benchmark or eval_only)
     system = setup_system(device, dtype, fsdp and training or fsdp and benchmark)

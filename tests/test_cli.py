@@ -111,6 +111,8 @@ def test_a_resumed_run_takes_its_settings_from_the_checkpoint(shard_dir, tmp_pat
     longer = run_script("train_gpt2.py", "--init_from=resume", f"--out_dir={out}", "--max_steps", "5", "--n_layer=2")
     assert longer.returncode == 0, longer.stderr
     assert "changed: --max_steps 3 -> 5" in longer.stdout and "n_layer" not in longer.stdout
+    # The rate at step 3: the end of the cosine (min_lr) before; a third of the way down it now.
+    assert "the cosine now ends at step 5, not 3: the rate at step 3 goes from 6.0000e-05 to 4.6500e-04" in longer.stdout
     assert [step for step, kind, _ in read_log(out / "log.txt") if kind == "train"] == [0, 1, 2, 3, 4]
     refused = one_error_line(run_script("train_gpt2.py", "--init_from=resume", f"--out_dir={out}", "--n_embd=64"))
     assert "--n_embd=32 (given 64)" in refused

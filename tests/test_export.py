@@ -121,3 +121,50 @@ def test_train_gpt2_exports_a_checkpoint(model, tmp_path):
     assert result.returncode == 0, result.stderr
     loaded = GPT.from_pretrained(str(tmp_path / "hf"))
     assert all(torch.equal(a, b) for a, b in zip(hf_state_dict(model).values(), hf_state_dict(loaded).values()))
+
+
+def changed_model(change):
+    """A small model changed as a researcher would change it: its MLPs' activation, or their width."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    for block in model.transformer.h:
+        if change == "relu":
+            block.mlp.gelu = torch.nn.ReLU()
+        elif change == "2x wide":
+            block.mlp.c_fc, block.mlp.c_proj = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+        elif change == "tanh":
+            block.mlp.gelu = torch.nn.Tanh()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("change, activation, width", [("relu", "relu", 128), ("2x wide", "gelu_new", 64)])
+def test_a_changed_mlp_exports_with_transformers_words_for_it_and_equal_logits(change, activation, width, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = changed_model(change)
+    save_hf(model, str(tmp_path / "hf"))
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["activation_function"], config["n_inner"]) == (activation, width)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max() < 1e-4
+
+
+def test_a_change_transformers_cannot_say_is_one_line_and_no_directory(tmp_path, monkeypatch, capsys):
+    with pytest.raises(UserError, match="activation is none that transformers' GPT-2 names"):
+        save_hf(changed_model("tanh"), str(tmp_path / "tanh"))
+    assert not os.path.exists(tmp_path / "tanh")
+    # A change inside forward shows in no module: the logits check finds it, through the command line too.
+    checkpoint = tmp_path / "ckpt_0000000.pt"
+    model = changed_model("none")
+    torch.save({"format": 2, "model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0},
+               checkpoint)
+    monkeypatch.setattr(train_gpt2.MLP, "forward", lambda self, x: 2 * self.c_proj(self.gelu(self.c_fc(x))))
+    with pytest.raises(SystemExit) as exit:
+        train_gpt2.main([f"--init_from={checkpoint}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and not os.path.exists(tmp_path / "hf")
+    assert err.startswith("error: cannot export this model to Hugging Face: transformers computes other logits")

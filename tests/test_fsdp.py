@@ -210,6 +210,7 @@ for step in range(3):
     plain.step()
     sharded.param_groups[0]["momentum"] = plain.param_groups[0]["momentum"] = 0.95  # as the warm-up changes it
 print(all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), plain_model.parameters())))
+dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it
 """
 
 
@@ -271,6 +272,7 @@ loss = model(x, x)[1]
 forward = len(calls)
 loss.backward()
 print(f"all-gathers: forward {forward}, backward {len(calls) - forward}")
+dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it
 """
 
 
