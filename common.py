@@ -42,6 +42,10 @@ def run_main(function, *args, interrupted="", sigterm_exits=False):
     try:
         function(*args)
         sys.stdout.flush()  # a reader that went away shows here, inside the handler below, not at exit
+        if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+            # Every process finished: they tear the group down together. A process that tore its end down
+            # while another still wrote the last checkpoint was aborted at exit now and then, by gloo's threads.
+            sys.modules["torch.distributed"].barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import common
 from common import UserError, get_tokenizer, run_main
-from configurator import parse_command_line, settings_of
+from configurator import check_ranges, parse_command_line, settings_of
 
 # -----------------------------------------------------------------------------
 # Settings of the command line (python hellaswag.py --help)
@@ -314,8 +314,7 @@ def run(argv):
     """Score a model on HellaSwag; under torchrun every process takes a share of the examples."""
     from train_gpt2 import load_model, setup_system
     args = SimpleNamespace(**parse_command_line(argv, settings_of(globals()), __doc__, __file__)[0])
-    if args.limit < 0 or args.baseline_examples < 0 or args.batch_size < 1:
-        raise UserError("--limit and --baseline_examples take 0 or more, --batch_size 1 or more")
+    check_ranges(vars(args), {"limit": ">= 0", "baseline_examples": ">= 0", "batch_size": ">= 1"})
     if args.split not in SPLIT_SIZES:
         raise UserError(f"--split takes {', '.join(SPLIT_SIZES)}, not '{args.split}'")
     system = setup_system(args.device, args.dtype)

@@ -19,7 +19,7 @@ The parts, in this order, each with an estimate of its time on one H100 or H200 
                        (train_gpt2.py --batch_size=auto, eager), on the whole GPU (~1.5 min) and again with the
                        process capped at 80 GB, as on an H100 or A100 80GB (~1.5 min); --memory_caps 80 40 24
                        adds the 40 and 24 GB columns, ~1.5 min each
-  shakespeare  ~1 min  200 steps of config/shakespeare.py on the GPU
+  shakespeare  ~1 min  200 steps of the quick start (config/fast.py config/shakespeare.py) on the GPU
   tests        ~2 min  python -m pytest tests/test_cuda.py
   profile      ~1 min  train_gpt2.py --benchmark --profile, GPT-2 124M at micro-batch 64, one micro-step a step:
                        three more steps under torch.profiler, and the ten costliest kernels
@@ -551,12 +551,13 @@ def run_sizes(bench):
 def run_shakespeare(bench):
     plan = bench.plan
     out_dir = os.path.join(bench.work_dir, "shakespeare")
-    args = [sys.executable, "train_gpt2.py", "config/shakespeare.py", f"--device={plan.device}", *plan.shakespeare_flags,
+    args = [sys.executable, "train_gpt2.py", "config/fast.py", "config/shakespeare.py", f"--device={plan.device}",
+            *plan.shakespeare_flags,
             *compile_flags(bench), f"--out_dir={out_dir}"]
     status, out, err = bench.run(args)
     log = os.path.join(out_dir, "log.txt")
     steps = parse_train_steps(out)
-    what = f"config/shakespeare.py on {plan.device}" + (f" ({bench.eager})" if bench.eager else "")
+    what = f"the quick start on {plan.device}" + (f" ({bench.eager})" if bench.eager else "")
     if status != 0 or not steps or not os.path.exists(log):
         bench.row(what, args, failure(status, out, err))
         return

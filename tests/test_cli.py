@@ -182,3 +182,14 @@ def test_under_torchrun_one_process_per_node_downloads_input_txt(tmp_path):
     assert CountingHandler.requests == ["/shakespeare.txt"]  # one download, the other process waited for it
     assert counts[0][1] == counts[1][1] > 0
     assert open(path).read() == text and glob.glob(path + ".*") == []  # no temporary file left
+
+
+def test_an_error_comes_before_the_settings_block_and_help_quotes_a_default_with_spaces(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    result = run_script("train_gpt2.py", "config/fast.py", "config/shakespeare.py", f"--out_dir={tmp_path / 'file'}")
+    assert result.returncode == 2 and result.stdout == ""  # nothing printed before the one line: `2>&1 | head -1`
+    assert result.stderr.startswith("error: --out_dir=") and result.stderr.count("\n") == 1
+    help_text = run_script("train_gpt2.py", "--help").stdout
+    assert "--sample_prompt=\"Hello, I'm a language model,\" what the samples start from" in help_text
+    assert "config files: config/fast.py, config/shakespeare.py" in help_text
+    assert max(map(len, help_text.splitlines())) <= 120

@@ -301,3 +301,10 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(capsys, tmp_path, model_dir, 
     result = run_script("hellaswag.py", "--model", model_dir, "--data", bad, "--device", "cpu")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {bad}:1: 2 endings; a HellaSwag record has 4\n"
+
+
+@pytest.mark.parametrize("flag, message", [("--limit=-1", "--limit=-1: it takes 0 or more"),
+                                           ("--batch_size=0", "--batch_size=0: it takes 1 or more")])
+def test_a_number_out_of_range_is_one_line(capsys, flag, message):
+    status, out, err = run_main(capsys, flag)
+    assert status == 2 and err == f"error: {message}\n"
