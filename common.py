@@ -10,6 +10,7 @@ neither torch nor the trainer: plot.py and fineweb.py start in a moment.
 
 import errno
 import fcntl
+import gc
 import glob
 import hashlib
 import os
@@ -39,38 +40,41 @@ def run_main(function, *args, interrupted="", sigterm_exits=False):
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     if sigterm_exits:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    status = 0  # set in the handlers, raised after the tear-down: an exception in flight would keep the model
     try:
         function(*args)
         sys.stdout.flush()  # a reader that went away shows here, inside the handler below, not at exit
-        if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
-            # Every process finished: they tear the group down together. A process that tore its end down
-            # while another still wrote the last checkpoint was aborted at exit now and then, by gloo's threads.
-            sys.modules["torch.distributed"].barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
     except (MemoryError, RuntimeError) as e:  # torch reports a CPU's failed allocation as a RuntimeError
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
             raise
         print(f"error: out of memory: the settings ask for more than this machine has ({type(e).__name__}"
               f"{': ' + str(e).splitlines()[0][:200] if str(e) else ''}); choose smaller sizes", file=sys.stderr)
-        sys.exit(2)
+        status = 2
     except KeyboardInterrupt:
         if interrupted:
             print(f"interrupted: {interrupted}", file=sys.stderr)
-        sys.exit(130)
+        status = 130
     except BrokenPipeError:
         # Whoever read our output stopped reading (`--help | head`): nothing is wrong, and Python's own
         # flush at exit must not fail on the closed pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        status = 1
     finally:
         for signum, handler in handlers.items() if sigterm_exits else ():
             signal.signal(signum, handler)
         if "torch.distributed" in sys.modules:  # only a script that uses torch can have a process group
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized():
+                # The model (through FSDP's device mesh) holds the group: freed first, the group and gloo's
+                # threads end here. Left to the interpreter's exit, a thread still freeing a collective's
+                # tensors needs the lock that exit holds, and the process aborts now and then.
+                gc.collect()
                 dist.destroy_process_group()
+    if status:
+        sys.exit(status)
 
 
 def newest_run(out_dir, default="log"):

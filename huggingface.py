@@ -109,10 +109,11 @@ def save_hf(model, directory):
     """Write the model as a Hugging Face GPT-2 directory that transformers loads offline: config.json,
     model.safetensors, generation_config.json (generation stops at the model's context) and the tokenizer's
     files. Then load it back with transformers and compare its logits with ours on one batch: a model that
-    transformers computes otherwise (a changed architecture it cannot say) is one UserError, and nothing is
-    left in directory."""
+    transformers computes otherwise (a changed architecture it cannot say), like a full disk, is one UserError,
+    and no file of the export is left in directory."""
     from transformers import GenerationConfig, GPT2LMHeadModel, GPT2TokenizerFast
     check_writable_dir(directory, "export_hf")
+    existing = set(os.listdir(directory))  # what was there before: never removed
     quiet_transformers()
     config = hf_config(model)
     try:
@@ -131,15 +132,19 @@ def save_hf(model, directory):
                                                 max_length=model.config.block_size)
         hf.save_pretrained(directory)
         check_logits(model, GPT2LMHeadModel.from_pretrained(directory))
-    except UserError as e:
-        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
+        for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+            shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
+        GPT2TokenizerFast.from_pretrained(directory, model_max_length=model.config.block_size).save_pretrained(
+            directory)
+    except Exception as e:  # nothing half-written is left: the files made here go, and the directory if it was new
+        for name in set(os.listdir(directory)) - existing:
             os.remove(os.path.join(directory, name))
-        os.rmdir(directory)
-        raise UserError(f"cannot export this model to Hugging Face: {e}") from None
-    # Under the names transformers looks for; loading them there and saving adds tokenizer.json and its config.
-    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        shutil.copyfile(gpt2_bpe_files()[name], os.path.join(directory, hf_name))
-    GPT2TokenizerFast.from_pretrained(directory, model_max_length=model.config.block_size).save_pretrained(directory)
+        if not existing:
+            os.rmdir(directory)
+        if not isinstance(e, (UserError, OSError)) and "No space left" not in str(e):  # safetensors' full disk
+            raise
+        raise UserError(f"cannot export this model to Hugging Face: {getattr(e, 'strerror', None) or e}") from None
     # safetensors writes its file private (0600); every file of the export gets the usual mode of new files.
     umask = os.umask(0)
     os.umask(umask)

@@ -82,6 +82,18 @@ def the_users_log_is_left_alone():
     assert tree_state(os.path.join(ROOT, "log")) == before, "a test wrote into the repository's log/"
 
 
+def fill(directory):
+    """Fill the file system of directory to its last free byte, with directory/filler."""
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    for block in (4096, 1):  # unbuffered, in pages and then byte by byte
+        try:
+            while True:
+                os.write(fd, b"x" * block)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    os.close(fd)
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """mount(name, size="1m", read_only=False, full=False): a real tmpfs of that size under tmp_path, read-only or
@@ -98,14 +110,7 @@ def tmpfs(tmp_path):
             pytest.skip(f"a real fault needs a tmpfs, and mounting one was refused: {result.stderr.strip()}")
         mounted.append(path)
         if full:
-            fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT)
-            for block in (4096, 1):  # unbuffered, in pages and then byte by byte, to the last free byte
-                try:
-                    while True:
-                        os.write(fd, b"x" * block)
-                except OSError as e:
-                    assert e.errno == errno.ENOSPC
-            os.close(fd)
+            fill(path)
         if read_only:
             subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
         return path

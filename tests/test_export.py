@@ -168,3 +168,11 @@ def test_a_change_transformers_cannot_say_is_one_line_and_no_directory(tmp_path,
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1 and not os.path.exists(tmp_path / "hf")
     assert err.startswith("error: cannot export this model to Hugging Face: transformers computes other logits")
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_no_file(model, tmpfs, capsys):
+    disk = tmpfs("disk", size="256k")  # the tokenizer's files alone take more
+    (disk / "mine.txt").write_text("a file of the user's, in the directory exported into")
+    with pytest.raises(UserError, match="cannot export this model to Hugging Face: "):
+        save_hf(model, str(disk))
+    assert os.listdir(disk) == ["mine.txt"]  # the user's file stays, and nothing of the export

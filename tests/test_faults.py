@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, FullDisk, read_log, run_script, write_bin
+from conftest import ROOT, TINY, FullDisk, fill, read_log, run_script, write_bin
 import common
 import train_gpt2
 from train_gpt2 import DataLoader, parse_settings
@@ -260,6 +260,47 @@ def test_a_full_disk_while_saving_is_one_line_with_the_room_left_after_removing_
     written, free = (int(n.replace(",", "")) for n in re.search(r"\(([\d,]+) bytes written, ([\d,]+) free", err).groups())
     assert written > 0 and free >= written  # measured once the partial file was gone
     assert not glob.glob(str(out / "*.tmp")) and not glob.glob(str(out / "ckpt_*"))
+
+
+def test_a_disk_that_fills_during_a_run_stops_it_with_one_line_and_it_goes_on_once_there_is_room(
+        shard_dir, tmpfs, capsys, monkeypatch, one_thread):
+    out = tmpfs("disk", size="4m") / "out"
+    calls, next_batch = [], DataLoader.next_batch
+
+    def filling(self):  # the 13th training micro-batch is step 3's first: the disk fills up during that step
+        calls.append(self.shuffle)
+        if calls.count(True) == 13:
+            fill(out.parent)
+        return next_batch(self)
+    monkeypatch.setattr(DataLoader, "next_batch", filling)
+    run = [f"--data_dir={shard_dir}", f"--out_dir={out}", "--max_steps=6", "--checkpoint_interval=2"]
+    status, _, err = train(capsys, *run)
+    err = one_error_line(status, err)
+    # log.txt's last page still had room for step 3's line: the checkpoint of step 4 found the disk full.
+    assert f"no space left on the disk of {out} while writing ckpt_0000004.pt" in err and "free some space" in err
+    assert checkpoints(out) == ["ckpt_0000002.pt"] and not glob.glob(str(out / "*.tmp"))  # whole, and no part
+    monkeypatch.undo()
+    os.remove(out.parent / "filler")
+    status, stdout, err = train(capsys, *run, "--init_from=resume")
+    assert status == 0 and "resuming from step 2" in stdout, err
+    assert [step for step, kind, _ in read_log(out / "log.txt") if kind == "train"] == [0, 1, 2, 3, 2, 3, 4, 5]
+    assert checkpoints(out) == ["ckpt_0000002.pt", "ckpt_0000004.pt", "ckpt_0000006.pt"]
+
+
+def test_a_log_that_cannot_grow_is_one_line_naming_it(shard_dir, tmpfs, capsys, monkeypatch, one_thread):
+    out = tmpfs("disk", size="4m") / "out"
+    real = train_gpt2.RunLog.record
+
+    def filling(self, step, *args, **kwargs):  # the disk fills up, and log.txt's last page too, before step 1's line
+        if step == 1:
+            with open(self.path, "a") as f:
+                f.write("#" * (4096 - os.path.getsize(self.path) % 4096))
+            fill(out.parent)
+        return real(self, step, *args, **kwargs)
+    monkeypatch.setattr(train_gpt2.RunLog, "record", filling)
+    status, _, err = train(capsys, f"--data_dir={shard_dir}", f"--out_dir={out}", "--max_steps=4")
+    assert f"cannot write {out / 'log.txt'} (No space left on device); free some space, then go on with " \
+           f"--init_from=resume --out_dir={out}" in one_error_line(status, err)
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_warned_of_before_the_first_save(shard_dir, tmpfs, capsys,

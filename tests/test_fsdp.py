@@ -187,7 +187,7 @@ def test_an_fsdp_checkpoint_loads_exports_and_samples(runs, tmp_path, capsys):
 
 
 SHARDED_MUON = """
-import copy, sys
+import copy, gc, sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import distribute_tensor
@@ -210,7 +210,9 @@ for step in range(3):
     plain.step()
     sharded.param_groups[0]["momentum"] = plain.param_groups[0]["momentum"] = 0.95  # as the warm-up changes it
 print(all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), plain_model.parameters())))
-dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it
+del model, plain_model, sharded, plain  # they hold the group: freed first, as run_main does, or gloo aborts at exit
+gc.collect()
+dist.destroy_process_group()
 """
 
 
@@ -222,7 +224,7 @@ def test_sharded_muon_steps_exactly_as_muon(tmp_path):
                              str(tmp_path / "sharded_muon.py"), ROOT], capture_output=True, text=True, timeout=300,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["True", "True"]
+    assert result.stdout.count("True") == 2 and "False" not in result.stdout  # the two ranks' lines may interleave
 
 
 def test_benchmark_runs_sharded(tmp_path):
@@ -257,7 +259,7 @@ def test_every_rank_scores_as_many_hellaswag_batches(monkeypatch):
 
 
 COUNT_ALL_GATHERS = """
-import sys, torch, torch.distributed as dist
+import gc, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
 import train_gpt2
@@ -272,7 +274,9 @@ loss = model(x, x)[1]
 forward = len(calls)
 loss.backward()
 print(f"all-gathers: forward {forward}, backward {len(calls) - forward}")
-dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it
+del model, loss  # they hold the group: freed first, as run_main does, or gloo aborts at exit now and then
+gc.collect()
+dist.destroy_process_group()
 """
 
 
