@@ -299,8 +299,8 @@ class RunLog:
             with open(self.path, "a") as f:  # append: a resumed run adds to the run's log
                 f.write(line + "\n")
         except OSError as e:  # a full disk, say: the run stops with one line, its last checkpoint whole
-            raise UserError(f"cannot write {self.path} ({e.strerror}); free some space, then go on with "
-                            f"--init_from=resume --out_dir={os.path.dirname(self.path)}") from None
+            raise UserError(f"cannot write {self.path} ({e.strerror}); free some space (a training run then goes "
+                            f"on with --init_from=resume --out_dir={os.path.dirname(self.path)})") from None
         if self.wandb_run is not None:
             metrics = {f"{kind}/{name}": number for name, number in (metrics or {}).items()}
             self.wandb_run.log({f"{kind}/{self.VALUE_NAMES[kind]}": value, **metrics}, step=step)

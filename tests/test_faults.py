@@ -299,8 +299,8 @@ def test_a_log_that_cannot_grow_is_one_line_naming_it(shard_dir, tmpfs, capsys, 
         return real(self, step, *args, **kwargs)
     monkeypatch.setattr(train_gpt2.RunLog, "record", filling)
     status, _, err = train(capsys, f"--data_dir={shard_dir}", f"--out_dir={out}", "--max_steps=4")
-    assert f"cannot write {out / 'log.txt'} (No space left on device); free some space, then go on with " \
-           f"--init_from=resume --out_dir={out}" in one_error_line(status, err)
+    assert f"cannot write {out / 'log.txt'} (No space left on device); free some space (a training run then goes " \
+           f"on with --init_from=resume --out_dir={out})" in one_error_line(status, err)
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_warned_of_before_the_first_save(shard_dir, tmpfs, capsys,
@@ -499,3 +499,20 @@ def test_sample_and_plot_take_the_same_newest_run(tmp_path, monkeypatch):
     for script in ("sample.py", "plot.py"):
         assert "newest_run(args.out_dir)" in open(os.path.join(ROOT, script)).read() or \
             "newest_run(run_dir)" in open(os.path.join(ROOT, script)).read()
+
+
+def test_run_json_and_evals_txt_on_a_full_disk_are_one_line(shard_dir, tmp_path, tmpfs, capsys, monkeypatch,
+                                                            one_thread):
+    status, _, err = train(capsys, f"--data_dir={shard_dir}", f"--out_dir={tmp_path / 'run'}", "--max_steps=1")
+    assert status == 0, err
+    # evals.txt: --eval_only of that checkpoint into a full file system, which still makes the directory.
+    full = tmpfs("full", full=True)
+    status, _, err = train(capsys, f"--data_dir={shard_dir}", f"--init_from={tmp_path / 'run' / 'ckpt_0000001.pt'}",
+                           f"--out_dir={full / 'evals'}", "--eval_only")
+    assert f"cannot write {full / 'evals' / 'evals.txt'} (No space left on device)" in one_error_line(status, err)
+    # run.json: the disk fills up once the run owns its out_dir, before the run's first file.
+    os.remove(full / "filler")
+    real = train_gpt2.find_data
+    monkeypatch.setattr(train_gpt2, "find_data", lambda *args: fill(full) or real(*args))
+    status, _, err = train(capsys, f"--data_dir={shard_dir}", f"--out_dir={full / 'new'}", "--max_steps=1")
+    assert f"no space left on the disk of {full / 'new'} while writing run.json" in one_error_line(status, err)
