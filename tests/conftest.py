@@ -119,29 +119,6 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-class FullDisk:
-    """A file as on a full disk: a write keeps its first 100 bytes, then fails; so does a flush."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, data):
-        self.f.write(data[:100] if isinstance(data, str) else bytes(data)[:100])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def flush(self):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, attribute):
-        return getattr(self.f, attribute)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        self.f.close()
-
-
 def read_log(path):
     """log.txt as a list of (step, kind, value)."""
     rows = []

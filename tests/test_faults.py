@@ -1,7 +1,6 @@
 """Nothing lost, never a traceback: train_gpt2.py under everyday mistakes and faults. One run owns its out_dir;
 the best checkpoint survives a divergence; a stop signal or a bad shard keeps every finished step; bad values,
 full disks and unusable directories are one `error:` line."""
-import errno
 import glob
 import json
 import os
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, FullDisk, fill, read_log, run_script, write_bin
+from conftest import ROOT, TINY, fill, read_log, run_script, write_bin
 import common
 import train_gpt2
 from train_gpt2 import DataLoader, parse_settings

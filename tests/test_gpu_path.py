@@ -1,6 +1,5 @@
 """What a reading of the CUDA path found, checked where a CPU reaches it: MFU per device under several
 processes, --batch_size=auto and out-of-memory errors, checkpoints mapped rather than read."""
-import os
 import re
 import signal
 from dataclasses import asdict
