@@ -195,10 +195,11 @@ def save_checkpoint(run, settings, system, val_loss=None):
              "run_id": run.run_id, "wandb_id": run.wandb_id}
     atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint whole
     kept = {os.path.join(out_dir, good["file"]) for good in (run.best, run.good) if good}
-    for old in sorted(set(run.checkpoints) | {path})[:-settings["keep_checkpoints"]]:
+    paths = sorted(set(run.checkpoints) | {path})
+    for old in paths[:-settings["keep_checkpoints"]]:
         if old not in kept:
             os.remove(old)
-    run.checkpoints = [p for p in sorted(set(run.checkpoints) | {path}) if os.path.exists(p)]
+    run.checkpoints = [p for p in paths if os.path.exists(p)]
     system.say(f"saved {path}")
     return True
 

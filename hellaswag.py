@@ -179,8 +179,7 @@ def hidden_states_of_endings(model, contexts, endings):
     continue from it together. With causal attention no real token attends to the padding after it,
     so padding changes nothing. Returns (NUM_ENDINGS * E, 1 + width, n_embd): per ending, the hidden
     state of the context's last token, then of its own tokens; position j predicts its token j."""
-    # The model's KV cache (made at the first write, in the keys' dtype), as long as this batch needs.
-    cache = SimpleNamespace(layers=[None] * model.config.n_layer, length=contexts.size(1) + endings.size(1), pos=0)
+    cache = model.kv_cache(contexts.size(1) + endings.size(1))  # as long as this batch needs
     last = model.hidden_states(contexts, cache)[:, -1:]  # (E, 1, n_embd)
     cache.layers = [tuple(t.repeat_interleave(NUM_ENDINGS, dim=0) for t in layer) for layer in cache.layers]
     return torch.cat([last.repeat_interleave(NUM_ENDINGS, dim=0), model.hidden_states(endings, cache)], dim=1)

@@ -263,6 +263,10 @@ class GPT(nn.Module):
         matmul_params = self.num_params() - (0 if c.tie_head else self.transformer.wte.weight.numel())
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
+    def kv_cache(self, length):
+        """An empty KVCache for up to length positions (generation, HellaSwag's contexts and endings)."""
+        return KVCache(self.config.n_layer, length)
+
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
         """GPT-2 (gpt2[-medium|-large|-xl]) from the Hugging Face hub, or a directory save_pretrained wrote."""
@@ -292,7 +296,7 @@ class GPT(nn.Module):
             if cache is not None:
                 hidden = self.hidden_states(context[:, -1:], cache)  # only the newest token: the rest is cached
             else:
-                cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
+                cache = self.kv_cache(self.config.block_size) if use_cache else None
                 hidden = self.hidden_states(context, cache)
             logits = self.logits(hidden[:, -1]).float()  # only the last position predicts: (B, vocab_size)
             if seen is not None:
@@ -629,6 +633,22 @@ class Stopped(Exception):
     """A stop signal reached the run: it saves its last finished step and exits."""
 
 
+def forward_backward(step_model, ddp_model, x, y, micro_step, grad_accum_steps, scaler, autocast):
+    """One micro-batch forward and backward, its gradients added to the step's; returns its share of the step's
+    mean loss, detached (no wait for the device)."""
+    if ddp_model is not None:
+        # All-reduce the gradients only once they are complete, on the last micro-step's backward. FSDP
+        # reduce-scatters at every micro-step instead: holding them whole until the last would put a full
+        # float32 copy of the gradients on every process, the memory that sharding is there to save.
+        ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+    with autocast:
+        _, loss = step_model(x, y)  # the logits are not kept: (B, T, vocab) would live on into the next micro-step
+    # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
+    loss = loss / grad_accum_steps
+    scaler.scale(loss).backward()
+    return loss.detach()
+
+
 def clip_gradients(model, optimizers, scaler):
     """Unscale (fp16) and clip the gradients to grad_clip; returns their global norm (a tensor: no wait)."""
     for opt in optimizers:
@@ -687,17 +707,8 @@ def train(model, step_model, ddp_model, checkpoint, system, grad_accum_steps):
                         rewind(run, start)
                         raise Stopped
                     x, y = to_device(train_loader.next_batch(), system.device)
-                    if ddp_model is not None:
-                        # All-reduce the gradients only once they are complete, on the last micro-step's backward.
-                        # FSDP reduce-scatters at every micro-step instead: holding them whole until the last would
-                        # put a full float32 copy of the gradients on every process, the memory sharding saves.
-                        ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-                    with system.autocast:
-                        _, loss = step_model(x, y)
-                    # Gradients add up over micro-steps: dividing makes the sum the mean over the whole batch.
-                    loss = loss / grad_accum_steps
-                    loss_sum += loss.detach()
-                    scaler.scale(loss).backward()
+                    loss_sum += forward_backward(step_model, ddp_model, x, y, micro_step, grad_accum_steps, scaler,
+                                                 system.autocast)
             except UserError as e:  # a bad shard met on the way: keep the steps done so far, then stop with its message
                 rewind(run, start)
                 saved = checkpoints.save_checkpoint(run, settings, system)
@@ -841,12 +852,8 @@ def random_token_steps(model, step_model, ddp_model, system, batch, grad_accum_s
         loss_sum = 0.0
         for micro_step in range(grad_accum_steps):
             x, y = to_device(loader.next_batch(), system.device)
-            if ddp_model is not None:
-                ddp_model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-            with system.autocast:
-                loss = step_model(x, y)[1] / grad_accum_steps
-            loss_sum += loss.detach()
-            scaler.scale(loss).backward()
+            loss_sum += forward_backward(step_model, ddp_model, x, y, micro_step, grad_accum_steps, scaler,
+                                         system.autocast)
         clip_gradients(model, optimizers, scaler)
         for opt in optimizers:
             scaler.step(opt)
@@ -1117,7 +1124,7 @@ def run(argv):
                      f"{get_lr(step, before):.4e} to {get_lr(step):.4e}")
     check_settings()  # before anything slow; again once a loaded model gives the shape
     training = not (export_hf or benchmark or eval_only)
-    system = setup_system(device, dtype, fsdp and training or fsdp and benchmark)
+    system = setup_system(device, dtype, fsdp and (training or benchmark))
     owned, succeeded = (None, False), False  # rank 0's (lock, whether it made out_dir) while it trains
     if training and system.master:
         owned = checkpoints.claim_out_dir(out_dir, resuming, checkpoint["step"] if resuming else None)
